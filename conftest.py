@@ -25,7 +25,7 @@ CONFIGS = {
         head_dim=16, global_head_dim=32, num_global_key_value_heads=1, intermediate_size=96, num_experts=8,
         top_k_experts=2, moe_intermediate_size=32, sliding_window=16)),
     "B": dict(canvas_length=8, text_config=dict(
-        vocab_size=200, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=320, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
         head_dim=12, global_head_dim=24, num_global_key_value_heads=2, intermediate_size=80, num_experts=6,
         top_k_experts=3, moe_intermediate_size=16, sliding_window=24,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
@@ -64,7 +64,7 @@ def write_hf_checkpoint(name: str, path: Path, seed: int = 0):
     return type(hf).from_pretrained(path, dtype=torch.float32).eval()
 
 
-def tiny_tokenizer_json(path: Path, vocab_size: int = 200) -> Path:
+def tiny_tokenizer_json(path: Path, vocab_size: int = 300) -> Path:
     """A byte-level BPE over a little English and Python, with the special tokens at ids 0-3."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
@@ -96,8 +96,8 @@ def ckpt_b(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chat_free_ckpt(tmp_path_factory):
-    """Checkpoint B plus a tiny tokenizer (vocab 200, no chat markers): runs the CLI end to end."""
+    """Checkpoint B plus a tiny tokenizer (vocab 300 of the model's 320, no chat markers): runs the CLI end to end."""
     path = tmp_path_factory.mktemp("ckpt_cli")
     write_hf_checkpoint("B", path, seed=2)
-    tiny_tokenizer_json(path, 200)
+    tiny_tokenizer_json(path, 300)
     return path

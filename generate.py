@@ -228,11 +228,15 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def find_tokenizer(checkpoint: Path, override: str | None) -> Tokenizer:
+def find_tokenizer(checkpoint: Path, override: str | None, vocab_size: int) -> Tokenizer:
     path = Path(override) if override else checkpoint / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the checkpoint has no tokenizer.json; pass --tokenizer FILE")
-    return Tokenizer(path)
+    tok = Tokenizer(path)
+    if tok.tok.get_vocab_size() > vocab_size:
+        raise CheckpointError(f"{path} has {tok.tok.get_vocab_size()} tokens but the model only {vocab_size}: "
+                              "use the tokenizer that came with the checkpoint")
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype
     net = load_model(path, device or default_device(), dtype)
     net.checkpoint_dir = path
     net.generation_settings = read_generation_config(path, net.config.eos_token_id)
-    return net, find_tokenizer(path, tokenizer)
+    return net, find_tokenizer(path, tokenizer, net.config.vocab_size)
 
 
 def settings_for(model, **overrides) -> GenerationSettings:
@@ -377,8 +381,13 @@ def read_batch_file(path: str) -> list[str]:
     return prompts
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate text with DiffusionGemma (block diffusion).")
+    p = Parser(description="Generate text with DiffusionGemma (block diffusion).")
     p.add_argument("prompt", nargs="?", help="the prompt (default: a code prompt for the bundled model)")
     p.add_argument("--model", help="checkpoint directory or Hugging Face repo id "
                                    "(default: the bundled model in ./weights)")
