@@ -217,9 +217,9 @@ class Tokenizer:
 
     def prompt_ids(self, text: str, chat: bool, thinking: bool = False) -> list[int]:
         """The chat template of a user turn (as apply_chat_template(add_generation_prompt=True)), or
-        <bos> + the text untouched."""
+        the text untouched, with only the special tokens the tokenizer itself adds (Gemma: <bos>)."""
         if not chat:
-            return self.encode(BOS + text) if self.tok.token_to_id(BOS) is not None else self.encode(text)
+            return self.tok.encode(text, add_special_tokens=True).ids
         system = THINK_SYSTEM_TURN if thinking else ""
         thought = "" if thinking else EMPTY_THOUGHT  # non-thinking: an empty, closed thought block
         return self.encode(f"{BOS}{system}{TURN_OPEN}user\n{text}{TURN_CLOSE}\n{TURN_OPEN}model\n{thought}")
@@ -275,19 +275,24 @@ def settings_for(model, **overrides) -> GenerationSettings:
     return s
 
 
+def check_context(model, n_prompt: int, max_new_tokens: int, name: str = "prompt") -> None:
+    """Prompt plus whole canvases must fit in the model's positions."""
+    C, limit = model.config.canvas_length, model.config.max_position_embeddings
+    need = n_prompt + math.ceil(max_new_tokens / C) * C
+    if need > limit:
+        raise UsageError(f"{name} has {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that needs {need} "
+                         f"positions but the model has {limit}: shorten the prompt or ask for fewer tokens")
+
+
 def encode_prompts(model, tokenizer: Tokenizer, prompts: list[str], raw: bool, thinking: bool,
                    settings: GenerationSettings) -> list[list[int]]:
     out = []
-    limit = model.config.max_position_embeddings
     for i, text in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
         if not text.strip():
-            raise UsageError("the prompt is empty" if len(prompts) == 1 else f"prompt {i + 1} is empty")
+            raise UsageError(f"the {name} is empty")
         ids = tokenizer.prompt_ids(text, chat=tokenizer.is_chat and not raw, thinking=thinking)
-        need = len(ids) + math.ceil(settings.max_new_tokens / model.config.canvas_length) * model.config.canvas_length
-        if need > limit:
-            raise UsageError(f"prompt{'' if len(prompts) == 1 else ' ' + str(i + 1)} has {len(ids)} tokens; with "
-                             f"--max-new-tokens {settings.max_new_tokens} that needs {need} positions but the "
-                             f"model has {limit}: shorten the prompt or ask for fewer tokens")
+        check_context(model, len(ids), settings.max_new_tokens, name)
         out.append(ids)
     return out
 
@@ -304,6 +309,56 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[str], max_new_token
     result = block_diffusion(model, ids, settings)
     texts = [tokenizer.decode(t) for t in result.tokens]
     return texts[0] if isinstance(prompt, str) else texts
+
+
+FILL = "<FILL>"
+
+
+@dataclass
+class Infill:
+    """A gap to fill: the left context is the prompt; the canvas holds fill_length free tokens
+    followed by the right context, pinned."""
+    left: list[int]
+    right: list[int]
+    fill_length: int
+
+    @property
+    def pins(self) -> dict[int, int]:
+        return {self.fill_length + i: t for i, t in enumerate(self.right)}
+
+    @property
+    def new_tokens(self) -> int:
+        return self.fill_length + len(self.right)
+
+
+def make_infill(tokenizer: Tokenizer, text: str, fill_length: int) -> Infill:
+    if text.count(FILL) != 1:
+        raise UsageError(f"--infill text must contain {FILL} exactly once (it has {text.count(FILL)})")
+    left, right = text.split(FILL)
+    if not left.strip():
+        raise UsageError(f"--infill needs some text before {FILL}: it is the prompt")
+    return Infill(left=tokenizer.prompt_ids(left, chat=False), right=tokenizer.encode(right) if right else [],
+                  fill_length=fill_length)
+
+
+def parse_pin(tokenizer: Tokenizer, spec: str) -> dict[int, int]:
+    """--pin OFFSET:TEXT: the tokens of TEXT fixed from new-token OFFSET on."""
+    offset, sep, text = spec.partition(":")
+    if not sep or not offset.strip().isdigit() or not text:
+        raise UsageError(f"--pin {spec!r}: expected OFFSET:TEXT, e.g. --pin 40:'}}'")
+    return {int(offset) + i: t for i, t in enumerate(tokenizer.encode(text))}
+
+
+def infill(model, tokenizer: Tokenizer, text: str, fill_length: int = 16, steps: int | None = None,
+           seed: int | None = None) -> str:
+    """The text that fills the single <FILL> of `text`, given what stands on both sides of it."""
+    job = make_infill(tokenizer, text, fill_length)
+    settings = settings_for(model, max_new_tokens=job.new_tokens, steps=steps)
+    settings.eos_token_ids = ()  # the fill has a fixed length: no early end
+    if seed is not None:
+        torch.manual_seed(seed)
+    result = block_diffusion(model, [job.left], settings, pins=[job.pins])
+    return tokenizer.decode(result.tokens[0][: job.fill_length])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,14 +422,7 @@ def positive_float(s: str) -> float:
 
 
 def read_batch_file(path: str) -> list[str]:
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"batch file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"batch file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise UsageError(f"cannot read batch file {path}: {e.strerror}") from None
+    text = read_text_file(path, "batch file")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"batch file {path} has no prompts (one prompt a line)")
@@ -398,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy-bound", type=positive_float, help="entropy budget of accepted tokens per step (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-file", help="a UTF-8 file with one prompt a line, generated together as one batch")
+    p.add_argument("--infill", help=f"fill a gap: 'left{FILL}right'; the left side is the prompt, the right side "
+                                    "is pinned after the gap; prints the filled text")
+    p.add_argument("--infill-file", help=f"like --infill, the text read from a UTF-8 file")
+    p.add_argument("--fill-length", type=positive_int, default=16, help="tokens in the gap for --infill (default 16)")
+    p.add_argument("--pin", action="append", default=[], metavar="OFFSET:TEXT",
+                   help="fix the tokens of TEXT at new-token OFFSET (e.g. a closing '}' or '</div>'); repeatable")
     p.add_argument("--raw", action="store_true", help="send the prompt untouched (after <bos>), without the chat format")
     p.add_argument("--thinking", action="store_true", help="let an instruction-tuned model think first")
     p.add_argument("--show-canvas", action="store_true", help="draw the canvas refining step by step (stderr)")
@@ -411,9 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
 
+def read_text_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.batch_file and args.prompt:
-        raise UsageError("give either a prompt or --batch-file, not both")
+    sources = [x for x in (args.prompt is not None, args.batch_file, args.infill, args.infill_file) if x]
+    if len(sources) > 1:
+        raise UsageError("give one of: a prompt, --batch-file, --infill, --infill-file")
+    if args.infill_file:
+        args.infill = read_text_file(args.infill_file, "infill file")
     if args.model is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise UsageError("no model given and no bundled model in ./weights: "
@@ -426,7 +494,22 @@ def main(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, device, dtype, args.tokenizer)
     settings = settings_for(model, max_new_tokens=args.max_new_tokens, steps=args.steps,
                             entropy_bound=args.entropy_bound)
-    ids = encode_prompts(model, tokenizer, prompts, args.raw, args.thinking, settings)
+    pins = {}
+    for spec in args.pin:
+        pins.update(parse_pin(tokenizer, spec))
+    job = None
+    if args.infill is not None:
+        job = make_infill(tokenizer, args.infill, args.fill_length)
+        pins.update(job.pins)
+        settings.max_new_tokens = job.new_tokens
+        settings.eos_token_ids = ()  # the fill has a fixed length
+        prompts = [args.infill.split(FILL)[0]]
+        ids = [job.left]
+        check_context(model, len(job.left), settings.max_new_tokens, "the infill text")
+    else:
+        ids = encode_prompts(model, tokenizer, prompts, args.raw, args.thinking, settings)
+    if pins and max(pins) >= settings.max_new_tokens:
+        raise UsageError(f"a pinned position ({max(pins)}) is beyond --max-new-tokens {settings.max_new_tokens}")
     torch.manual_seed(args.seed)
 
     from tqdm import tqdm
@@ -434,7 +517,7 @@ def main(args: argparse.Namespace) -> int:
     bar = tqdm(total=n_canvas, unit="canvas", file=sys.stderr, disable=args.quiet or args.show_canvas,
                dynamic_ncols=True)
     view = CanvasView(tokenizer) if args.show_canvas else None
-    single = len(prompts) == 1
+    single = len(prompts) == 1 and job is None
     printed = [""]  # what of the single prompt's answer is already on stdout
 
     def on_canvas(ci, seq, finished):
@@ -448,9 +531,13 @@ def main(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 printed[0] = text
 
-    result = block_diffusion(model, ids, settings, on_step=view.draw if view else None, on_canvas=on_canvas)
+    result = block_diffusion(model, ids, settings, pins=[pins] * len(ids) if pins else None,
+                             on_step=view.draw if view else None, on_canvas=on_canvas)
     bar.close()
-    if single:
+    if job is not None:
+        left, right = args.infill.split(FILL)
+        sys.stdout.write(left + tokenizer.decode(result.tokens[0][: job.fill_length]) + right + "\n")
+    elif single:
         sys.stdout.write("\n")
     else:
         for i, toks in enumerate(result.tokens):
