@@ -143,6 +143,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.v_norm = RMSNorm(head_dim, eps, with_scale=False)
+        self.canvas_kernel = None  # a fast canvas attention (cuda_kernels.use_kernels)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projections, norms and RoPE. Returns q (B, H, S, d), k and v (B, Hkv, S, d)."""
@@ -162,6 +163,10 @@ class Attention(nn.Module):
             k, v = layer_cache.append(k, v)  # the cache now holds them for every later pass
         else:  # "canvas": read the cache, leave it untouched
             k_old, v_old = layer_cache.read()
+            if self.canvas_kernel is not None:  # reads the cache in place, no concatenation
+                valid = None if mask is None else mask[:, 0, 0, : mask.shape[-1] - S]
+                y = self.canvas_kernel(q, k_old, v_old, k, v, valid)  # (B, H, S, d)
+                return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
             if k_old is not None:
                 k, v = torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)  # (B, Hkv, T + C, d)
         y = attend(q, k, v, mask)  # (B, H, S, d)

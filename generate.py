@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cuda_kernels import KernelBuildError
 from kvcache import KVCache
 from model import CheckpointError, DiffusionGemma, load_model, resolve_checkpoint
 from sampler import DenoiseState, SamplerSettings, sampler_step
@@ -110,19 +111,37 @@ def finalize_canvas(seq: torch.Tensor, finished: torch.Tensor, C: int, eos: torc
     return finished
 
 
+def denoise_canvas(model: DiffusionGemma, cache: KVCache, state: DenoiseState, s: SamplerSettings,
+                   pinned=None, pinned_tokens=None, on_step=None) -> tuple[DenoiseState, int]:
+    """Refine one canvas: up to s.max_steps denoising steps (step counts down), stopping early once
+    every row is stable and confident. Returns the final state and the number of steps run.
+    (cudagraph.GraphedDenoiser is the same function with the step captured in a CUDA graph.)"""
+    steps = 0
+    for step in range(s.max_steps, 0, -1):
+        raw = model.forward_canvas(state.canvas, cache, state.sc_logits)  # (B, C, V) fp32
+        state = sampler_step(state, raw, step, s, model.dtype, pinned, pinned_tokens)
+        steps += 1
+        if on_step is not None:
+            on_step(step, state)
+        if bool(state.finished.all()):
+            break
+    return state, steps
+
+
 @torch.no_grad()
 def block_diffusion(model: DiffusionGemma, prompts: list[list[int]], settings: GenerationSettings,
-                    pins: list[dict[int, int]] | None = None, on_step=None, on_canvas=None) -> GenerationResult:
+                    pins: list[dict[int, int]] | None = None, on_step=None, on_canvas=None,
+                    denoise=denoise_canvas) -> GenerationResult:
     """Generate continuations of token-id prompts (a batch, left padded).
 
     pins: per row {offset from the first new token: token id}; those positions of the canvases are
     fixed (infill, closing tags) and never renoised.
     on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, seq, finished)
-    after every commit.
+    after every commit. denoise: denoise_canvas, or a faster function with its signature.
     """
     c = model.config
     C, V = c.canvas_length, c.vocab_size
-    device = model.embed_tokens.weight.device
+    device = model.device
     B, P = len(prompts), max(len(p) for p in prompts)
     seq = torch.full((B, P), settings.pad_token_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, P, dtype=torch.bool, device=device)
@@ -142,16 +161,8 @@ def block_diffusion(model: DiffusionGemma, prompts: list[list[int]], settings: G
         model.forward_causal(pending, cache, pending_valid)  # 1. read what the cache lacks
         pinned, pinned_tokens = canvas_pins(pins, ci, B, C, device)
         state = DenoiseState.start(B, C, V, device, pinned, pinned_tokens)  # 2. random canvas
-        steps = 0
-        for step in range(settings.sampler.max_steps, 0, -1):  # 3. denoise; step counts down
-            raw = model.forward_canvas(state.canvas, cache, state.sc_logits)
-            state = sampler_step(state, raw, step, settings.sampler, model.embed_tokens.weight.dtype,
-                                 pinned, pinned_tokens)
-            steps += 1
-            if on_step is not None:
-                on_step(ci, step, state)
-            if bool(state.finished.all()):
-                break
+        step_hook = None if on_step is None else (lambda step, st, ci=ci: on_step(ci, step, st))
+        state, steps = denoise(model, cache, state, settings.sampler, pinned, pinned_tokens, step_hook)  # 3.
         seq = torch.cat([seq, state.argmax], dim=1)  # 4. commit the argmax
         finished = finalize_canvas(seq, finished, C, eos, settings.pad_token_id, max_length)
         result.steps.append(steps)
@@ -397,6 +408,21 @@ def peak_memory(device: torch.device) -> str:
         return "n/a"
 
 
+def choose_fast_path(model, kernels: str = "auto", cuda_graph: bool = True, announce: bool = True):
+    """The one place where the fast paths are chosen: CUDA kernels in the layers, and the CUDA-graph
+    step on top of them. Returns the denoise function for block_diffusion."""
+    from cuda_kernels import use_kernels
+    line = use_kernels(model, kernels)
+    denoise = denoise_canvas
+    if line.startswith("kernels: cuda") and cuda_graph:
+        from cudagraph import GraphedDenoiser
+        denoise = GraphedDenoiser()
+        line += ", cuda graph ✓"
+    if announce:
+        print(line, file=sys.stderr)
+    return denoise
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="auto",
+                   help="CUDA kernels for the experts and canvas attention, plus a CUDA-graph step "
+                        "(auto: on a CUDA GPU with bf16 weights; torch: the plain PyTorch path)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="with CUDA kernels, run the step without a CUDA graph")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no closing line")
     return p
 
@@ -510,6 +540,7 @@ def main(args: argparse.Namespace) -> int:
         ids = encode_prompts(model, tokenizer, prompts, args.raw, args.thinking, settings)
     if pins and max(pins) >= settings.max_new_tokens:
         raise UsageError(f"a pinned position ({max(pins)}) is beyond --max-new-tokens {settings.max_new_tokens}")
+    denoise = choose_fast_path(model, args.kernels, not args.no_cuda_graph, announce=not args.quiet)
     torch.manual_seed(args.seed)
 
     from tqdm import tqdm
@@ -532,7 +563,7 @@ def main(args: argparse.Namespace) -> int:
                 printed[0] = text
 
     result = block_diffusion(model, ids, settings, pins=[pins] * len(ids) if pins else None,
-                             on_step=view.draw if view else None, on_canvas=on_canvas)
+                             on_step=view.draw if view else None, on_canvas=on_canvas, denoise=denoise)
     bar.close()
     if job is not None:
         left, right = args.infill.split(FILL)
@@ -562,6 +593,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KernelBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:

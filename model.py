@@ -83,6 +83,8 @@ class DiffusionGemmaConfig:
     # per-layer overrides {layer index: {"head_dim": .., "num_key_value_heads": ..}}, as written by
     # transformers >= 5.17 (`per_layer_config`); when empty the global_* fields apply to full layers
     per_layer: dict[int, dict] = field(default_factory=dict)
+    # the "quantization" block of config.json (quantize.py), None for bf16 checkpoints
+    quantization: dict | None = None
     # top-level config.json entries this text-only implementation carries through untouched
     # (vision_config, image token ids), so that a checkpoint rewritten here keeps them
     passthrough: dict = field(default_factory=dict)
@@ -129,10 +131,16 @@ class DiffusionGemmaConfig:
             raise CheckpointError(f"{where} has no text_config: the file is incomplete; download it again")
         if t.get("use_bidirectional_attention") == "all":
             raise CheckpointError(f"{where}: use_bidirectional_attention='all' is not supported (released: 'vision')")
+        if d.get("quantization_config") or t.get("quantization_config"):
+            raise CheckpointError(f"{where} has a quantization_config (another tool's format, e.g. NVFP4): "
+                                  "use the bf16 checkpoint, and quantize.py for int8/int4")
+        qb = d.get("quantization")
+        if qb is not None and (not isinstance(qb, dict) or qb.get("format") != "diffusiongemma-weight-only"):
+            raise CheckpointError(f"{where}: unknown quantization block {qb!r}; write it with quantize.py")
         if not d.get("tie_word_embeddings", True):
             raise CheckpointError(f"{where}: untied lm_head is not supported (the released model ties it)")
         names = {f for f in cls.__dataclass_fields__
-                 if f not in ("per_layer", "passthrough", "eos_token_id", "canvas_length", "dtype")}
+                 if f not in ("per_layer", "passthrough", "eos_token_id", "canvas_length", "dtype", "quantization")}
         kw = {k: v for k, v in t.items() if k in names and v is not None}
         eos = d.get("eos_token_id", t.get("eos_token_id", [1, 106, 50]))
         kw["eos_token_id"] = eos if isinstance(eos, list) else [eos]
@@ -140,6 +148,7 @@ class DiffusionGemmaConfig:
         kw["dtype"] = str(d.get("dtype") or t.get("dtype") or d.get("torch_dtype") or "bfloat16")
         kw["per_layer"] = {}
         kw["passthrough"] = {k: d[k] for k in PASSTHROUGH if d.get(k) is not None}
+        kw["quantization"] = d.get("quantization")
         try:
             cfg = cls(**kw)
             for key, over in (t.get("per_layer_config") or {}).items():
@@ -187,6 +196,7 @@ class DiffusionGemmaConfig:
             "text_config": text,
             "vision_config": MINIMAL_VISION_CONFIG,
             **self.passthrough,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     def torch_dtype(self) -> torch.dtype:
@@ -268,22 +278,36 @@ class DiffusionGemma(nn.Module):
                          for t, p in c.rope_parameters.items() if t in c.layer_types}
 
     # -- pieces shared by both modes --------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the unquantized weights)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def embed_scale(self) -> torch.Tensor:
         # sqrt(hidden) rounded to the weights' dtype: 53.066 becomes 53.0 in bf16, as in the reference
-        return torch.tensor(self.config.hidden_size ** 0.5).to(self.embed_tokens.weight.dtype)
+        return torch.tensor(self.config.hidden_size ** 0.5).to(self.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids) * self.embed_scale()
 
+    def embedding_matrix(self) -> torch.Tensor:
+        """E (V, D): the embedding, dequantized when it is stored quantized (quantize.py)."""
+        dequant = getattr(self.embed_tokens, "dequantize", None)
+        return dequant() if dequant is not None else self.embed_tokens.weight
+
     def soft_embed(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * embed_scale: the expected embedding under the previous prediction."""
-        E = self.embed_tokens.weight
+        E = self.embedding_matrix()
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(E.dtype)  # (B, C, V)
         return torch.matmul(probs, E) * self.embed_scale()  # (B, C, D)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied lm_head (no embedding scale), fp32, softcapped: tanh(x / 30) * 30."""
-        x = F.linear(h, self.embed_tokens.weight).float()
+        x = F.linear(h, self.embedding_matrix()).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(x / cap) * cap
 
@@ -312,10 +336,10 @@ class DiffusionGemma(nn.Module):
         return self.norm(h)
 
     def forward_canvas(self, canvas: torch.Tensor, cache: KVCache,
-                       self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
+                       self_conditioning_logits: torch.Tensor | None = None, masks: list | None = None) -> torch.Tensor:
         """One denoising pass. canvas (B, C) token ids; self_conditioning_logits (B, C, V) are the
         previous step's temperature-scaled logits (None on the first step). Returns fp32 logits
-        (B, C, V). The cache is only read."""
+        (B, C, V). The cache is only read. masks: canvas_masks(cache, C), when already made."""
         B, C = canvas.shape
         e = self.embed(canvas)  # (B, C, D)
         if self_conditioning_logits is None:
@@ -324,9 +348,12 @@ class DiffusionGemma(nn.Module):
             soft = self.soft_embed(self_conditioning_logits)
         h = self.self_conditioning(e, soft)
         positions = torch.arange(cache.length, cache.length + C, device=canvas.device)[None]  # (1, C)
-        masks = [canvas_mask(cache, i, C) for i in range(self.config.num_hidden_layers)]
+        masks = masks if masks is not None else self.canvas_masks(cache, C)
         h = self.run_layers(h, positions, cache, masks, "canvas")
         return self.logits(self.norm(h))
+
+    def canvas_masks(self, cache: KVCache, C: int) -> list:
+        return [canvas_mask(cache, i, C) for i in range(self.config.num_hidden_layers)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -441,7 +468,10 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
     dtype = dtype or config.torch_dtype()
     device = torch.device(device)
     with torch.device("meta"):
-        net = DiffusionGemma(config)
+        net = DiffusionGemma(config).to(dtype)
+        if config.quantization:  # swap in the quantized modules (quantize.py)
+            from quantize import convert_for_runtime
+            convert_for_runtime(net, config.quantization)
     wmap = weight_map(path)
     expected = {name: tuple(t.shape) for name, t in net.state_dict().items()}
     by_file: dict[Path, list[str]] = {}
@@ -460,7 +490,8 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
                     if shape != expected[name]:
                         raise CheckpointError(f"tensor {PREFIX + name} in {file} has shape {list(shape)}, "
                                               f"expected {list(expected[name])} from config.json")
-                    state[name] = f.get_tensor(PREFIX + name).to(dtype)
+                    t = f.get_tensor(PREFIX + name)
+                    state[name] = t.to(dtype) if t.is_floating_point() and not name.endswith(("_scale",)) else t
         except CheckpointError:
             raise
         except torch.OutOfMemoryError:

@@ -61,6 +61,25 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, moe_intermediate_size))
+        self.kernel = None  # a fast path with this forward's signature (cuda_kernels.use_kernels)
+        self.quant = None  # "int8" / "int4" once quantize_ swapped the stacks for quantized ones
+
+    def quantize_(self, kind: str, group_size: int) -> None:
+        """Hold the two stacks quantized (quantize.py), under the same checkpoint names."""
+        from quantize import register_quantized
+        for name in ("gate_up_proj", "down_proj"):
+            shape = tuple(getattr(self, name).shape)
+            delattr(self, name)
+            register_quantized(self, name, shape, kind, group_size)
+        self.quant = kind
+
+    def expert_weights(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up (2I, D) and down (D, I) of expert e, dequantized if they are stored quantized."""
+        if self.quant is None:
+            return self.gate_up_proj[e], self.down_proj[e]
+        from quantize import dequantize_buffers
+        return (dequantize_buffers(self, "gate_up_proj", self.quant, dtype, e),
+                dequantize_buffers(self, "down_proj", self.quant, dtype, e))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, D), idx (T, K), weights (T, K) fp32 -> (T, D) in x's dtype.
@@ -68,6 +87,8 @@ class Experts(nn.Module):
         Tokens are grouped by expert: each expert runs one matmul over the tokens routed to it, so
         no expert weight is ever copied per token.
         """
+        if self.kernel is not None and self.quant is None:
+            return self.kernel(x, idx, weights, self.gate_up_proj, self.down_proj)
         T, D = x.shape
         K = idx.shape[1]
         flat_idx = idx.reshape(-1)  # (A,) assignment a = t * K + slot
@@ -81,6 +102,6 @@ class Experts(nn.Module):
                 continue  # an expert that no token picked does no work
             a = order[start: start + n]  # its assignments
             start += n
-            y = expert_mlp(x[a // K], self.gate_up_proj[e], self.down_proj[e])  # (n, D)
+            y = expert_mlp(x[a // K], *self.expert_weights(e, x.dtype))  # (n, D)
             out[a] = y * flat_w[a, None]  # routing weight applied in fp32
         return out.view(T, K, D).sum(dim=1).to(x.dtype)  # sum over the K slots in fp32

@@ -39,9 +39,10 @@ class SamplerSettings:
     confidence_threshold: float | None = 0.005  # None: never stop early (fixed number of steps)
 
 
-def temperature(step: int, s: SamplerSettings, device=None) -> torch.Tensor:
-    """Linear schedule, computed in fp32 exactly as transformers does (step is an int32 tensor there)."""
-    step_t = torch.tensor(step, dtype=torch.int32, device=device)
+def temperature(step, s: SamplerSettings, device=None) -> torch.Tensor:
+    """Linear schedule, computed in fp32 exactly as transformers does (step is an int32 tensor there).
+    step: an int, or an int32 tensor already on the device (a CUDA graph changes it between replays)."""
+    step_t = step if isinstance(step, torch.Tensor) else torch.tensor(step, dtype=torch.int32, device=device)
     return s.t_min + (s.t_max - s.t_min) * (step_t / s.max_steps)
 
 
@@ -92,11 +93,14 @@ class DenoiseState:
 
 def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, step: int, s: SamplerSettings,
                  sc_dtype: torch.dtype, pinned: torch.Tensor | None = None,
-                 pinned_tokens: torch.Tensor | None = None) -> DenoiseState:
+                 pinned_tokens: torch.Tensor | None = None, sync_free: bool = False) -> DenoiseState:
     """Turn one denoising pass's raw logits (B, C, V) fp32 into the next state.
 
     pinned (B, C) bool with pinned_tokens (B, C): positions fixed by the caller (infill, closing
     tags). They are never renoised and their argmax is the pinned token.
+    sync_free: never wait for the GPU (for CUDA graphs): finished rows keep their canvas and argmax
+    without a data-dependent branch, and their self-conditioning logits are not kept (they feed
+    nothing that a finished row still uses).
     """
     B, C, V = raw_logits.shape
     logits = raw_logits / temperature(step, s, raw_logits.device)  # (B, C, V)
@@ -118,7 +122,10 @@ def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, step: int, s: Sa
 
     finished, history = state.finished, state.history
     if s.confidence_threshold is not None:
-        if finished.any():  # finished rows keep what they had
+        if sync_free:
+            new_argmax = torch.where(finished[:, None], state.argmax, new_argmax)
+            next_canvas = torch.where(finished[:, None], state.canvas, next_canvas)
+        elif finished.any():  # finished rows keep what they had
             new_argmax = torch.where(finished[:, None], state.argmax, new_argmax)
             next_canvas = torch.where(finished[:, None], state.canvas, next_canvas)
             # (their entropy no longer matters: a finished row stays finished)

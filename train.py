@@ -246,6 +246,8 @@ def main(a) -> int:
         opt.load_state_dict(st["opt"])
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
     if a.export:
+        model.config.dtype = a.export_dtype
+        model.to(getattr(torch, a.export_dtype))
         save_checkpoint(model, a.export, generation_config=GENERATION_CONFIG)
         import shutil
         for f in ("tokenizer.json", "manifest.txt"):
@@ -308,6 +310,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--export", help="write the trained model as a checkpoint directory and exit")
+    p.add_argument("--export-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of the exported weights (default bfloat16: half the size)")
     return p
 
 

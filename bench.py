@@ -1,0 +1,176 @@
+"""Benchmark the denoising step: transformers vs ours (plain PyTorch) vs ours (CUDA kernels + CUDA graph).
+
+At the released shape (SPEC §1) with random bf16 weights built directly on the GPU: a 1024-token
+prompt, 16 fixed denoising steps per canvas (no early stop, no EOS), 2 canvases. The three systems
+share one set of weight tensors (transformers builds them; ours points at the same memory).
+
+Per-canvas time is measured as time(2 canvases) - time(1 canvas), so the prompt prefill drops out;
+a canvas costs its 16 steps plus one commit pass of the same size: ms/step = per-canvas / 17 and
+tok/s = 256 / per-canvas. The same run measures the device's copy bandwidth and bf16 matmul rate;
+the floor of a step is the bytes of weights it must read / the bandwidth.
+
+    python bench.py               # released shape on the GPU (about 52 GB)
+    python bench.py --tiny        # a tiny shape, runs anywhere (the CPU)
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from generate import GenerationSettings, block_diffusion, choose_fast_path, denoise_canvas
+from model import DiffusionGemma, DiffusionGemmaConfig, PREFIX
+from sampler import SamplerSettings
+
+TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, num_global_key_value_heads=1, global_head_dim=64, intermediate_size=128, num_experts=8,
+            top_k_experts=2, moe_intermediate_size=64, sliding_window=64, canvas_length=32)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeat=3):
+    fn()  # warm-up (kernel builds, allocator)
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def device_ceilings(device) -> dict:
+    """Copy bandwidth (read + write bytes / s) and bf16 matmul rate, measured now."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), device, 5)
+    bw = 2 * n / t
+    del a, b
+    m = 8192 if device.type == "cuda" else 1024
+    x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    t = timed(lambda: x @ x, device, 5)
+    return {"bandwidth_GBps": bw / 1e9, "bf16_TFLOPs": 2 * m ** 3 / t / 1e12}
+
+
+def step_bytes(model: DiffusionGemma) -> int:
+    """Weight bytes one denoising step reads: every parameter once, plus the embedding twice more
+    (the tied lm_head and the self-conditioning soft embedding)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    E = model.embed_tokens.weight
+    return total + 2 * E.numel() * E.element_size()
+
+
+def build_hf(cfg: DiffusionGemmaConfig, device, dtype):
+    """transformers' model with random weights, built directly on the device."""
+    from transformers import DiffusionGemmaConfig as HFConfig, DiffusionGemmaForBlockDiffusion
+    d = cfg.to_hf_dict()
+    hf_cfg = HFConfig(text_config=d["text_config"], vision_config=d["vision_config"],
+                      canvas_length=cfg.canvas_length, eos_token_id=cfg.eos_token_id)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = DiffusionGemmaForBlockDiffusion(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return hf
+
+
+def ours_sharing(hf, cfg: DiffusionGemmaConfig, device) -> DiffusionGemma:
+    """Our model over the very tensors of the transformers model (no second copy)."""
+    with torch.device("meta"):
+        net = DiffusionGemma(cfg)
+    hf_state = hf.state_dict()
+    state = {k: hf_state[PREFIX + k] for k in net.state_dict()}
+    net.load_state_dict(state, assign=True, strict=True)
+    net.inv_freq = {t: f.to(device) for t, f in net.inv_freq.items()}
+    return net.eval().requires_grad_(False)
+
+
+def main(a) -> int:
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not a.tiny and device.type != "cuda":
+        print("error: the released shape needs a CUDA GPU with about 60 GB; use --tiny on this machine", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16
+    cfg = DiffusionGemmaConfig(**(TINY if a.tiny else {}))
+    cfg.dtype = "bfloat16"
+    prompt_len = a.prompt if a.prompt else (128 if a.tiny else 1024)
+    steps = a.steps
+    C = cfg.canvas_length
+    torch.manual_seed(0)
+    ceilings = device_ceilings(device)
+    hf = build_hf(cfg, device, dtype)
+    ours = ours_sharing(hf, cfg, device)
+    prompt = torch.randint(5, cfg.vocab_size, (1, prompt_len), device=device)
+    floor_s = step_bytes(ours) / (ceilings["bandwidth_GBps"] * 1e9)
+
+    def settings(n_canvas):
+        return GenerationSettings(max_new_tokens=n_canvas * C, eos_token_ids=(),
+                                  sampler=SamplerSettings(max_steps=steps, confidence_threshold=None))
+
+    def run_hf(n_canvas):
+        return lambda: hf.generate(prompt, max_new_tokens=n_canvas * C, max_denoising_steps=steps,
+                                   confidence_threshold=None, eos_token_id=None)
+
+    def run_ours(n_canvas, denoise):
+        return lambda: block_diffusion(ours, [prompt[0].tolist()], settings(n_canvas), denoise=denoise)
+
+    systems = [("transformers 5.17.0", run_hf)]
+    choose_fast_path(ours, "torch", announce=False)
+    systems.append(("ours, plain PyTorch", lambda n: run_ours(n, denoise_canvas)))
+    rows = []
+    with torch.no_grad():
+        for name, make in systems:
+            rows.append(measure(name, make, device, steps, C))
+        if device.type == "cuda":
+            fast = choose_fast_path(ours, "cuda", cuda_graph=not a.no_cuda_graph, announce=True)
+            rows.append(measure("ours, CUDA kernels + graph", lambda n: run_ours(n, fast), device, steps, C))
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        r["speedup_vs_transformers"] = base / r["ms_per_step"]
+        r["floor_fraction"] = floor_s * 1e3 / r["ms_per_step"]
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "shape": "tiny" if a.tiny else "released 26B-A4B", "prompt_tokens": prompt_len, "steps": steps,
+              "canvas_length": C, "weight_bytes_per_step": step_bytes(ours), "floor_ms_per_step": floor_s * 1e3,
+              **ceilings, "rows": rows}
+    print(f"device {report['device']}, {report['shape']}, prompt {prompt_len}, {steps} steps/canvas, canvas {C}")
+    print(f"copy bandwidth {ceilings['bandwidth_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_TFLOPs']:.1f} TFLOP/s, "
+          f"floor {floor_s * 1e3:.2f} ms/step ({step_bytes(ours) / 1e9:.2f} GB of weights)")
+    print(f"| system | ms/step | tok/s | × transformers | floor / step | peak memory |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {r['speedup_vs_transformers']:.2f} | "
+              f"{r['floor_fraction']:.2f} | {r['peak_GiB']:.2f} GiB |")
+    with open(a.json, "w") as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+def measure(name, make, device, steps, C) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = timed(make(1), device, 2)
+    t2 = timed(make(2), device, 2)
+    per_canvas = max(t2 - t1, 1e-9)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    return {"system": name, "ms_per_canvas": per_canvas * 1e3, "ms_per_step": per_canvas * 1e3 / (steps + 1),
+            "tok_s": C / per_canvas, "peak_GiB": peak}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Denoising-step benchmark: transformers vs plain PyTorch vs CUDA kernels.")
+    p.add_argument("--tiny", action="store_true", help="a tiny shape that runs anywhere (the CPU)")
+    p.add_argument("--steps", type=int, default=16, help="fixed denoising steps per canvas (default 16)")
+    p.add_argument("--prompt", type=int, help="prompt tokens (default 1024; 128 with --tiny)")
+    p.add_argument("--device", help="device (default: cuda when available)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="kernels without the CUDA graph")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    sys.exit(main(p.parse_args()))
