@@ -53,6 +53,33 @@ def build(arch: str | None = None, verbose: bool = False):
     return _ext
 
 
+def compile_only(arch: str = "9.0a", out_dir: str | None = None) -> list[Path]:
+    """Compile each .cu to an object file with nvcc (no GPU, no CUDA runtime needed): the check that
+    the kernels build, for machines without a GPU. Returns the object files."""
+    import subprocess
+    import sysconfig
+    import tempfile
+    from torch.utils.cpp_extension import include_paths
+    out = Path(out_dir or tempfile.mkdtemp(prefix="cuda_kernels_"))
+    code = arch.replace(".", "")
+    incs = [f"-I{p}" for p in include_paths("cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
+    objects = []
+    for src in SOURCES:
+        if src.suffix != ".cu":
+            continue
+        obj = out / (src.stem + ".o")
+        cmd = ["nvcc", "-c", str(src), "-o", str(obj), "-std=c++20", "-O3", "--expt-relaxed-constexpr",
+               f"-gencode=arch=compute_{code},code=sm_{code}", "-Xcompiler", "-fPIC",
+               "-DTORCH_EXTENSION_NAME=diffusiongemma_kernels", "-DTORCH_API_INCLUDE_EXTENSION_H",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", *incs]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise KernelBuildError(f"nvcc failed on {src.name} for sm_{code}:\n{p.stderr}")
+        objects.append(obj)
+    return objects
+
+
 # ---- the fast paths, with the signatures of the plain ones ------------------------------------
 
 def experts_forward(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

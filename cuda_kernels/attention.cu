@@ -18,7 +18,8 @@
 // The prefix K/V are read in place: the canvas K/V are never concatenated to the cache.
 
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -189,7 +190,7 @@ torch::Tensor canvas_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto valid_c = has_valid ? valid.contiguous() : valid;
   auto out = torch::empty_like(q);
   const Smem L(d);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cudaFuncSetAttribute(canvas_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L.total));
   dim3 grid((C + Br - 1) / Br, H, B);
   canvas_attention_kernel<<<grid, 32 * WARPS, L.total, stream>>>(

@@ -27,7 +27,8 @@
 // scales) slots in there by dequantising into the same bf16 shared-memory tile.
 
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -199,7 +200,7 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor sorted_token, torch::Tens
   const int A = sorted_token.numel();
   auto h = torch::empty({A, I}, x.options());
   auto y = torch::zeros({T, D}, x.options().dtype(torch::kFloat32));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (A > 0) {
     gate_up_kernel<<<dim3(I / BN, E), 32 * WARPS, 0, stream>>>(
         reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(gate_up.data_ptr()),
