@@ -29,6 +29,11 @@ CONFIGS = {
         head_dim=12, global_head_dim=24, num_global_key_value_heads=2, intermediate_size=80, num_experts=6,
         top_k_experts=3, moe_intermediate_size=16, sliding_window=24,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    # the shapes the CUDA kernels take (hidden and expert sizes multiples of 64, head_dim of 16)
+    "K": dict(canvas_length=32, text_config=dict(
+        vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, global_head_dim=64, num_global_key_value_heads=1, intermediate_size=128, num_experts=8,
+        top_k_experts=2, moe_intermediate_size=64, sliding_window=48)),
 }
 
 GENERATION_CONFIG = {"max_new_tokens": 256, "max_denoising_steps": 48,
@@ -91,6 +96,13 @@ def ckpt_a(tmp_path_factory):
 def ckpt_b(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt_b")
     hf = write_hf_checkpoint("B", path, seed=1)
+    return path, hf
+
+
+@pytest.fixture(scope="session")
+def ckpt_k(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt_k")
+    hf = write_hf_checkpoint("K", path, seed=3)
     return path, hf
 
 

@@ -7,6 +7,7 @@
      and the same model given only the left context.
 
     python eval.py --model weights
+    python eval.py --model weights --compare weights-int4     # what quantization changes (50 prompts)
 """
 
 import argparse
@@ -53,7 +54,38 @@ def infill_accuracy(model, data: torch.Tensor, n: int = 200, left: int = 32, gap
             "truth": truth}
 
 
+@torch.no_grad()
+def compare(a) -> int:
+    """Committed-token agreement of a second checkpoint (e.g. quantized) with the first over 50 held-out
+    prompts (same seed, same settings), and the change in held-out loss."""
+    ref, tok = load(a.model, device=a.device)
+    other, _ = load(a.compare, device=a.device)
+    data = held_out_stream(tok)
+    g = torch.Generator().manual_seed(2)
+    starts = torch.randint(0, len(data) - 64, (a.prompts,), generator=g)
+    prompts = [data[s: s + 32].tolist() for s in starts]
+    settings = settings_for(ref, max_new_tokens=ref.config.canvas_length)
+    settings.eos_token_ids = ()
+    out = []
+    for m in (ref, other):
+        torch.manual_seed(0)
+        out.append(block_diffusion(m, prompts, settings).sequences[:, 32:])
+    agree = (out[0] == out[1]).float().mean().item()
+    c = ref.config
+    losses = [train.heldout_loss(m, data, a.prefix, a.prefix + 2 * c.canvas_length, 0.5, n=64, seed=1)
+              for m in (ref, other)]
+    print(f"| {a.compare} vs {a.model} | value |\n|---|---|")
+    print(f"| committed-token agreement, {a.prompts} prompts x {c.canvas_length} tokens | {agree:.4f} |")
+    print(f"| held-out loss at t=0.5 | {losses[0]:.4f} -> {losses[1]:.4f} ({losses[1] - losses[0]:+.4f}) |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"agreement": agree, "loss": losses}, f, indent=2)
+    return 0
+
+
 def main(a) -> int:
+    if a.compare:
+        return compare(a)
     model, tok = load(a.model, device=a.device, dtype=torch.float32)
     data = held_out_stream(tok)
     c = model.config
@@ -86,4 +118,6 @@ if __name__ == "__main__":
     p.add_argument("--prefix", type=int, default=48, help="clean prefix of the loss windows (as in training)")
     p.add_argument("--device", default="cpu", help="device (default cpu)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--compare", help="a second checkpoint (e.g. quantized): token agreement and loss change")
+    p.add_argument("--prompts", type=int, default=50, help="prompts for --compare (default 50)")
     sys.exit(main(p.parse_args()))

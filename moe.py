@@ -61,7 +61,7 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, moe_intermediate_size))
-        self.kernel = None  # a fast path with this forward's signature (cuda_kernels.use_kernels)
+        self.kernel = None  # a fast path: kernel(self, x, idx, weights) (cuda_kernels.use_kernels)
         self.quant = None  # "int8" / "int4" once quantize_ swapped the stacks for quantized ones
 
     def quantize_(self, kind: str, group_size: int) -> None:
@@ -87,8 +87,8 @@ class Experts(nn.Module):
         Tokens are grouped by expert: each expert runs one matmul over the tokens routed to it, so
         no expert weight is ever copied per token.
         """
-        if self.kernel is not None and self.quant is None:
-            return self.kernel(x, idx, weights, self.gate_up_proj, self.down_proj)
+        if self.kernel is not None:
+            return self.kernel(self, x, idx, weights)
         T, D = x.shape
         K = idx.shape[1]
         flat_idx = idx.reshape(-1)  # (A,) assignment a = t * K + slot

@@ -183,6 +183,34 @@ class QuantEmbedding(nn.Module):
         return dequantize_int8(self.weight, self.weight_scale, self.dtype)
 
 
+def quantized_copy(net, q: dict, free_source: bool = False):
+    """A quantized model built from an in-memory one, tensor by tensor, on the same device. Tensors
+    that stay unquantized are shared, not copied. free_source: drop each source tensor once used, so
+    only one bf16 tensor is ever held beside the quantized model."""
+    from model import DiffusionGemma
+    with torch.device("meta"):
+        out = DiffusionGemma(net.config).to(net.dtype)
+        convert_for_runtime(out, q)
+    src = dict(net.state_dict())
+    state = {}
+    wanted = out.state_dict()
+    for name in list(src):
+        kind = rule_for(name, q)
+        if kind:
+            parts = quantize(src[name], kind, q.get("group_size", 64), q.get("zero_point", True))
+            state.update({name + suffix: v for suffix, v in parts.items()})
+        elif name in wanted:
+            state[name] = src[name]
+        if free_source and kind:
+            src[name] = None
+            owner, attr = net.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            setattr(owner, attr, None) if attr in owner._buffers else owner._parameters.__setitem__(attr, None)
+    out.load_state_dict(state, assign=True, strict=True)
+    out.config.quantization = {"format": FORMAT, **q}
+    out.inv_freq = dict(net.inv_freq)
+    return out.eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Converting a checkpoint directory
 # ---------------------------------------------------------------------------------------------

@@ -82,12 +82,16 @@ def compile_only(arch: str = "9.0a", out_dir: str | None = None) -> list[Path]:
 
 # ---- the fast paths, with the signatures of the plain ones ------------------------------------
 
-def experts_forward(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
-    """moe.Experts.forward on the GPU: x (T, D) bf16, idx (T, K), weights (T, K) fp32 -> (T, D) bf16.
+FORMATS = {None: 0, "int8": 1, "int4": 2}  # fused_moe.cu's Format
+
+
+def experts_forward(experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """moe.Experts.forward on the GPU, for bf16, int8 or int4 experts: x (T, D) bf16, idx (T, K),
+    weights (T, K) fp32 -> (T, D) bf16.
 
     Sorting by expert happens here with torch ops that never wait for the host, so a CUDA graph can
     capture it."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
     E, K = gate_up.shape[0], idx.shape[1]
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
@@ -96,7 +100,14 @@ def experts_forward(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, g
     offsets = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))  # (E + 1,)
     sorted_token = torch.div(order, K, rounding_mode="floor").int()
     sorted_weight = weights.reshape(-1)[order].float()
-    return build().fused_moe(x.contiguous(), sorted_token, sorted_weight, offsets, gate_up, down)
+    none = torch.empty(0, device=x.device)
+    q = experts.quant
+    scales = [getattr(experts, n + "_scale", none) for n in ("gate_up_proj", "down_proj")]
+    zeros = [getattr(experts, n + "_zero", none) for n in ("gate_up_proj", "down_proj")]
+    group = 0 if q != "int4" else x.shape[1] // scales[0].shape[-1]
+    I = gate_up.shape[1] // 2  # rows are never packed: int4 packs along the inputs
+    return build().fused_moe(x.contiguous(), sorted_token, sorted_weight, offsets, gate_up, scales[0], zeros[0],
+                             down, scales[1], zeros[1], FORMATS[q], group, I)
 
 
 def canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
@@ -135,6 +146,14 @@ def use_kernels(model, kind: str = "auto") -> str:
         if kind == "cuda":
             raise KernelBuildError("--kernels cuda needs bf16 weights (--dtype bfloat16)")
         path, why = "torch", f"weights are {model.dtype}, the kernels take bf16"
+    if path == "cuda":
+        c = model.config
+        dims = [c.layer_head_dim(i) for i in range(c.num_hidden_layers)]
+        if c.hidden_size % 64 or c.moe_intermediate_size % 64 or any(d % 16 or d > 512 for d in dims):
+            if kind == "cuda":
+                raise KernelBuildError("--kernels cuda needs hidden and expert sizes that are multiples of 64 "
+                                       "and head_dim a multiple of 16 up to 512")
+            path, why = "torch", "shapes the kernels do not take"
     if path == "cuda":
         build()
     for layer in model.layers:

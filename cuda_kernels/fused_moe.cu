@@ -23,8 +23,13 @@
 //   Tensor cores through WMMA 16x16x16 bf16 fragments with fp32 accumulators.
 //   Grid: (704/64) * 128 = 1408 and (2816/64) * 128 = 5632 blocks: every SM is busy.
 //
-// The weight tile is loaded by load_weight_tile(); a quantized checkpoint (int8 / int4 with
-// scales) slots in there by dequantising into the same bf16 shared-memory tile.
+// Weights come in three formats (quantize.py), a template parameter of both kernels:
+//   BF16  as stored in the checkpoint;
+//   INT8  int8 per output row with a bf16 scale per row: the main loop converts q to bf16 (exact),
+//         the epilogue multiplies the row's fp32 sum by its scale (it factors out of the sum);
+//   INT4  two per byte (low nibble first) with a bf16 scale and a uint8 zero point per row and group
+//         of `group` inputs: the main loop dequantises (q - zero) * scale into the bf16 tile.
+// Only load_weight_tile() and the epilogue's row scale differ between the formats.
 
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
@@ -61,21 +66,61 @@ __device__ __forceinline__ void load_rows(__nv_bfloat16 (*dst)[BK + PAD], const 
   }
 }
 
-// The weight tile: BN rows of W (each a contiguous run along K) from row n0, columns k0..k0+BK.
-// bf16 weights are copied; this is where int8/int4 weights would be dequantised.
-__device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[BK + PAD], const __nv_bfloat16* W,
-                                                 int n0, int64_t ld, int k0) {
-  constexpr int VEC = 8;
+enum Format { BF16 = 0, INT8 = 1, INT4 = 2 };
+
+// One weight matrix in any format. Row r holds input k at: bf16/int8 w[r * K + k], int4 byte
+// w[r * K/2 + k/2] (nibble k % 2); int4 scale/zero at [r * K/group + k/group]; int8 scale at [r].
+struct Weights {
+  const void* w;
+  const __nv_bfloat16* scale;
+  const uint8_t* zero;
+  int64_t K;
+  int group;
+};
+
+// The weight tile: BN rows of W from row `row0`, inputs k0..k0+BK, as bf16 in shared memory.
+template <int FMT>
+__device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[BK + PAD], const Weights& W, int64_t row0, int k0) {
+  constexpr int VEC = 8;  // 8 weights per thread per step
   for (int i = threadIdx.x; i < BN * (BK / VEC); i += blockDim.x) {
     int r = i / (BK / VEC), c = (i % (BK / VEC)) * VEC;
-    *reinterpret_cast<uint4*>(&dst[r][c]) =
-        *reinterpret_cast<const uint4*>(W + (int64_t)(n0 + r) * ld + k0 + c);
+    int64_t row = row0 + r;
+    if constexpr (FMT == BF16) {
+      *reinterpret_cast<uint4*>(&dst[r][c]) =
+          *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(W.w) + row * W.K + k0 + c);
+    } else if constexpr (FMT == INT8) {
+      const int8_t* q = static_cast<const int8_t*>(W.w) + row * W.K + k0 + c;
+      int2 raw = *reinterpret_cast<const int2*>(q);  // 8 x int8
+      const int8_t* b = reinterpret_cast<const int8_t*>(&raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dst[r][c + j] = __float2bfloat16((float)b[j]);  // exact: |q| <= 127
+    } else {  // INT4
+      const uint8_t* q = static_cast<const uint8_t*>(W.w) + row * (W.K / 2) + (k0 + c) / 2;
+      uint32_t raw = *reinterpret_cast<const uint32_t*>(q);  // 8 x int4
+      int64_t g = row * (W.K / W.group);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        int k = k0 + c + j;
+        float s = __bfloat162float(W.scale[g + k / W.group]);
+        float z = (float)W.zero[g + k / W.group];
+        float v = (float)((raw >> (4 * j)) & 15u);
+        dst[r][c + j] = __float2bfloat16((v - z) * s);
+      }
+    }
   }
 }
 
+// the per-row scale that INT8 applies in the epilogue (1 otherwise)
+template <int FMT>
+__device__ __forceinline__ float row_scale(const Weights& W, int64_t row) {
+  if constexpr (FMT == INT8) return __bfloat162float(W.scale[row]);
+  return 1.f;
+}
+
 // Step 1: h[a, n] = gelu(x[tok(a)] . gate[e, n]) * (x[tok(a)] . up[e, n]) for the rows a of expert e.
+template <int FMT>
 __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T, D)
-                               const __nv_bfloat16* __restrict__ gate_up,  // (E, 2I, D)
+                               const Weights gate_up,                      // (E, 2I, D)
                                const int* __restrict__ sorted_token,       // (A,) token of sorted row
                                const int* __restrict__ offsets,            // (E + 1,)
                                __nv_bfloat16* __restrict__ h,              // (A, I) sorted order
@@ -90,8 +135,7 @@ __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T
 
   const int e = blockIdx.y, n0 = blockIdx.x * BN, warp = threadIdx.x / 32;
   const int row_begin = offsets[e], row_end = offsets[e + 1];
-  const __nv_bfloat16* G = gate_up + (int64_t)e * 2 * I * D;
-  const __nv_bfloat16* U = G + (int64_t)I * D;
+  const int64_t g_row0 = (int64_t)e * 2 * I + n0, u_row0 = g_row0 + I;  // gate rows, then up rows
 
   for (int m0 = row_begin; m0 < row_end; m0 += BM) {  // usually a single chunk
     const int valid = min(BM, row_end - m0);
@@ -99,8 +143,8 @@ __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T
     for (int i = 0; i < BM / 16; ++i) { wmma::fill_fragment(acc_g[i], 0.f); wmma::fill_fragment(acc_u[i], 0.f); }
     for (int k0 = 0; k0 < D; k0 += BK) {
       load_rows(sX, x, sorted_token + m0, BM, valid, D, k0);
-      load_weight_tile(sG, G, n0, D, k0);
-      load_weight_tile(sU, U, n0, D, k0);
+      load_weight_tile<FMT>(sG, gate_up, g_row0, k0);
+      load_weight_tile<FMT>(sU, gate_up, u_row0, k0);
       __syncthreads();  // tiles complete before any warp reads them
       for (int kk = 0; kk < BK; kk += 16) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> bg, bu;
@@ -124,7 +168,8 @@ __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T
     __syncthreads();
     for (int i = threadIdx.x; i < valid * BN; i += blockDim.x) {
       int r = i / BN, c = i % BN;
-      float v = gelu_tanh(sOut[0][r][c]) * sOut[1][r][c];
+      float v = gelu_tanh(sOut[0][r][c] * row_scale<FMT>(gate_up, g_row0 + c)) *
+                (sOut[1][r][c] * row_scale<FMT>(gate_up, u_row0 + c));
       h[(int64_t)(m0 + r) * I + n0 + c] = __float2bfloat16(v);
     }
     __syncthreads();
@@ -132,8 +177,9 @@ __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T
 }
 
 // Step 2: y[tok(a), n] += w[a] * (h[a] . down[e, n]), fp32, for the rows a of expert e.
+template <int FMT>
 __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) sorted order
-                            const __nv_bfloat16* __restrict__ down,   // (E, D, I)
+                            const Weights down,                       // (E, D, I)
                             const int* __restrict__ sorted_token,     // (A,)
                             const float* __restrict__ sorted_weight,  // (A,)
                             const int* __restrict__ offsets,          // (E + 1,)
@@ -146,7 +192,7 @@ __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) 
 
   const int e = blockIdx.y, n0 = blockIdx.x * BN, warp = threadIdx.x / 32;
   const int row_begin = offsets[e], row_end = offsets[e + 1];
-  const __nv_bfloat16* W = down + (int64_t)e * D * I;
+  const int64_t row0 = (int64_t)e * D + n0;
 
   for (int m0 = row_begin; m0 < row_end; m0 += BM) {
     const int valid = min(BM, row_end - m0);
@@ -156,7 +202,7 @@ __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) 
     for (int i = 0; i < BM / 16; ++i) wmma::fill_fragment(acc[i], 0.f);
     for (int k0 = 0; k0 < I; k0 += BK) {
       load_rows(sH, h, sRow, BM, valid, I, k0);
-      load_weight_tile(sW, W, n0, I, k0);
+      load_weight_tile<FMT>(sW, down, row0, k0);
       __syncthreads();
       for (int kk = 0; kk < BK; kk += 16) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
@@ -176,7 +222,8 @@ __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) 
     // epilogue: routing weight and the sum over the top-k slots, in fp32
     for (int i = threadIdx.x; i < valid * BN; i += blockDim.x) {
       int r = i / BN, c = i % BN;
-      atomicAdd(&y[(int64_t)sorted_token[m0 + r] * D + n0 + c], sorted_weight[m0 + r] * sOut[r][c]);
+      atomicAdd(&y[(int64_t)sorted_token[m0 + r] * D + n0 + c],
+                sorted_weight[m0 + r] * sOut[r][c] * row_scale<FMT>(down, row0 + c));
     }
     __syncthreads();
   }
@@ -184,32 +231,56 @@ __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) 
 
 }  // namespace
 
-// x (T, D) bf16; sorted_token, sorted_weight (A,) in expert order; offsets (E + 1,) int32;
-// gate_up (E, 2I, D), down (E, D, I) bf16. Returns (T, D) bf16.
-torch::Tensor fused_moe(torch::Tensor x, torch::Tensor sorted_token, torch::Tensor sorted_weight,
-                        torch::Tensor offsets, torch::Tensor gate_up, torch::Tensor down) {
+Weights weights_of(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zero, int fmt,
+                   int64_t K, int group) {
+  return Weights{w.data_ptr(), fmt == BF16 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
+                 fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group};
+}
+
+template <int FMT>
+void launch(const torch::Tensor& x, const Weights& gu, const Weights& dn, const torch::Tensor& sorted_token,
+            const torch::Tensor& sorted_weight, const torch::Tensor& offsets, torch::Tensor& h, torch::Tensor& y,
+            int E, int D, int I) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  gate_up_kernel<FMT><<<dim3(I / BN, E), 32 * WARPS, 0, stream>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), gu, sorted_token.data_ptr<int>(), offsets.data_ptr<int>(),
+      reinterpret_cast<__nv_bfloat16*>(h.data_ptr()), D, I);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  down_kernel<FMT><<<dim3(D / BN, E), 32 * WARPS, 0, stream>>>(
+      reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), dn, sorted_token.data_ptr<int>(),
+      sorted_weight.data_ptr<float>(), offsets.data_ptr<int>(), y.data_ptr<float>(), D, I);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x (T, D) bf16; sorted_token, sorted_weight (A,) in expert order; offsets (E + 1,) int32.
+// fmt 0 bf16: gate_up (E, 2I, D), down (E, D, I); fmt 1 int8: same shapes in int8 plus (E, rows) scales;
+// fmt 2 int4: (E, rows, inputs/2) uint8 plus (E, rows, inputs/group) scales and zero points.
+// Returns (T, D) bf16.
+torch::Tensor fused_moe(torch::Tensor x, torch::Tensor sorted_token, torch::Tensor sorted_weight, torch::Tensor offsets,
+                        torch::Tensor gate_up, torch::Tensor gate_up_scale, torch::Tensor gate_up_zero,
+                        torch::Tensor down, torch::Tensor down_scale, torch::Tensor down_zero,
+                        int64_t fmt, int64_t group, int64_t I) {
   TORCH_CHECK(x.is_cuda() && x.dtype() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous CUDA bf16");
-  TORCH_CHECK(gate_up.dtype() == torch::kBFloat16 && gate_up.is_contiguous() && gate_up.dim() == 3, "gate_up: (E, 2I, D) bf16");
-  TORCH_CHECK(down.dtype() == torch::kBFloat16 && down.is_contiguous() && down.dim() == 3, "down: (E, D, I) bf16");
+  TORCH_CHECK(fmt == BF16 || fmt == INT8 || fmt == INT4, "fmt: 0 bf16, 1 int8, 2 int4");
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 && down.dim() == 3, "weights: 3-D contiguous");
   TORCH_CHECK(sorted_token.dtype() == torch::kInt32 && offsets.dtype() == torch::kInt32, "indices: int32");
   TORCH_CHECK(sorted_weight.dtype() == torch::kFloat32, "weights: fp32");
-  const int T = x.size(0), D = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
-  TORCH_CHECK(gate_up.size(2) == D && down.size(0) == E && down.size(1) == D && down.size(2) == I, "shapes disagree");
-  TORCH_CHECK(D % BN == 0 && I % BN == 0 && D % BK == 0 && I % BK == 0, "D and I must be multiples of 64");
+  const auto want = fmt == BF16 ? torch::kBFloat16 : fmt == INT8 ? torch::kChar : torch::kByte;
+  TORCH_CHECK(gate_up.scalar_type() == want && down.scalar_type() == want, "weight dtype does not match fmt");
+  const int T = x.size(0), D = x.size(1), E = gate_up.size(0);
+  TORCH_CHECK(gate_up.size(1) == 2 * I && down.size(0) == E && down.size(1) == D, "shapes disagree");
+  TORCH_CHECK(D % BN == 0 && I % BN == 0, "D and I must be multiples of 64");
+  TORCH_CHECK(fmt != INT4 || (group % 8 == 0 && D % group == 0 && I % group == 0), "int4 group must divide D and I, multiple of 8");
   TORCH_CHECK(offsets.numel() == E + 1, "offsets: (E + 1,)");
   const int A = sorted_token.numel();
   auto h = torch::empty({A, I}, x.options());
   auto y = torch::zeros({T, D}, x.options().dtype(torch::kFloat32));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   if (A > 0) {
-    gate_up_kernel<<<dim3(I / BN, E), 32 * WARPS, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(gate_up.data_ptr()),
-        sorted_token.data_ptr<int>(), offsets.data_ptr<int>(), reinterpret_cast<__nv_bfloat16*>(h.data_ptr()), D, I);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    down_kernel<<<dim3(D / BN, E), 32 * WARPS, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(down.data_ptr()),
-        sorted_token.data_ptr<int>(), sorted_weight.data_ptr<float>(), offsets.data_ptr<int>(), y.data_ptr<float>(), D, I);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    Weights gu = weights_of(gate_up, gate_up_scale, gate_up_zero, fmt, D, group);
+    Weights dn = weights_of(down, down_scale, down_zero, fmt, I, group);
+    if (fmt == BF16) launch<BF16>(x, gu, dn, sorted_token, sorted_weight, offsets, h, y, E, D, I);
+    else if (fmt == INT8) launch<INT8>(x, gu, dn, sorted_token, sorted_weight, offsets, h, y, E, D, I);
+    else launch<INT4>(x, gu, dn, sorted_token, sorted_weight, offsets, h, y, E, D, I);
   }
   return y.to(torch::kBFloat16);
 }
