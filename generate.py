@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-canvas", action="store_true", help="draw the canvas refining step by step (stderr)")
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="weight dtype (default: the checkpoint's)")
+                   help="compute dtype (auto: the checkpoint's on a GPU, float32 on the CPU)")
     p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="auto",
                    help="CUDA kernels for the experts and canvas attention, plus a CUDA-graph step "
                         "(auto: on a CUDA GPU with bf16 weights; torch: the plain PyTorch path)")
@@ -519,8 +519,9 @@ def main(args: argparse.Namespace) -> int:
         args.model = str(DEFAULT_MODEL_DIR)
     prompts = read_batch_file(args.batch_file) if args.batch_file else [
         DEFAULT_PROMPT if args.prompt is None else args.prompt]
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     device = torch.device(args.device or default_device())
+    # auto: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16 matmuls are slow
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float32 if device.type == "cpu" else None)
     model, tokenizer = load(args.model, device, dtype, args.tokenizer)
     settings = settings_for(model, max_new_tokens=args.max_new_tokens, steps=args.steps,
                             entropy_bound=args.entropy_bound)
@@ -552,15 +553,16 @@ def main(args: argparse.Namespace) -> int:
     printed = [""]  # what of the single prompt's answer is already on stdout
 
     def on_canvas(ci, seq, finished):
-        bar.update(1)
         if view is not None:
             view.clear()
         if single:  # stream: print each canvas as soon as it is final
             text = tokenizer.decode(trim(seq[0, len(ids[0]):].tolist(), settings))
             if text.startswith(printed[0]):
+                bar.clear()  # keep the bar's line on stderr apart from the text
                 sys.stdout.write(text[len(printed[0]):])
                 sys.stdout.flush()
                 printed[0] = text
+        bar.update(1)
 
     result = block_diffusion(model, ids, settings, pins=[pins] * len(ids) if pins else None,
                              on_step=view.draw if view else None, on_canvas=on_canvas, denoise=denoise)
