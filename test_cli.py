@@ -183,5 +183,38 @@ def test_no_model_anywhere(tmp_path):
     """Without --model, generate.py uses ./weights; a copy of the program without it says what to do."""
     for f in HERE.glob("*.py"):
         shutil.copy(f, tmp_path / f.name)
+    shutil.copytree(HERE / "cuda_kernels", tmp_path / "cuda_kernels")
     p = subprocess.run([sys.executable, str(tmp_path / "generate.py")], capture_output=True, text=True, cwd=tmp_path)
     assert_one_line_error(p.returncode, p.stderr, 2, "no model given", "--model")
+
+
+def test_bare_generate_runs_bundled_model_quickly():
+    """README's first command: `python generate.py` with no arguments, on the bundled model, on the
+    CPU, in under a minute (the bar for two CPU cores)."""
+    import time
+    assert (HERE / "weights" / "config.json").exists(), "the bundled model is missing from weights/"
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(HERE / "generate.py"), "--device", "cpu"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t
+    assert p.returncode == 0, p.stderr
+    closing = p.stderr.strip().splitlines()[-1]
+    assert "canvases" in closing and "device cpu" in closing and p.stdout.strip()
+    assert elapsed < 60, f"took {elapsed:.1f} s"
+
+
+def test_repo_id_found_in_hf_cache(chat_free_ckpt, tmp_path):
+    """--model ORG/NAME is looked up in HF_HUB_CACHE (models--ORG--NAME/snapshots/<rev>/, refs/main)."""
+    repo = tmp_path / "hub" / "models--someone--tiny-diffusiongemma"
+    shutil.copytree(chat_free_ckpt, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, str(HERE / "generate.py"), "--model", "someone/tiny-diffusiongemma",
+                        "--max-new-tokens", "4", "--steps", "2", "hi"], cwd=HERE, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    # a repo id that is not in the cache and cannot be downloaded: one line saying what to do
+    p = subprocess.run([sys.executable, str(HERE / "generate.py"), "--model", "someone/absent-model", "hi"],
+                       cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(p.returncode, p.stderr, 1, "someone/absent-model", "--model DIR")
