@@ -47,6 +47,7 @@ class GraphedDenoiser:
                               sc_logits=state.sc_logits.clone(), finished=state.finished.clone(),
                               history=state.history.clone())
         step_t = torch.tensor(s.max_steps - 1, dtype=torch.int32, device=state.canvas.device)
+        model.soft_embed(static.sc_logits)  # warm up the one kernel the eager step did not run (no RNG)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -484,9 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on the CPU)")
-    p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="auto",
-                   help="CUDA kernels for the experts and canvas attention, plus a CUDA-graph step "
-                        "(auto: on a CUDA GPU with bf16 weights; torch: the plain PyTorch path)")
+    p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="torch",
+                   help="torch (default): the plain PyTorch path; cuda: CUDA kernels for the experts and canvas "
+                        "attention plus a CUDA-graph step (not yet verified on a GPU); auto: cuda where possible")
     p.add_argument("--no-cuda-graph", action="store_true", help="with CUDA kernels, run the step without a CUDA graph")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no closing line")
     return p
