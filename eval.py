@@ -36,14 +36,14 @@ def unigram_token(tokenizer) -> int:
 
 @torch.no_grad()
 def infill_accuracy(model, data: torch.Tensor, n: int = 200, left: int = 32, gap: int = 16, right: int = 16,
-                    seed: int = 0, steps: int | None = None) -> dict:
+                    seed: int = 0, steps: int | None = None, entropy_bound: float | None = None) -> dict:
     g = torch.Generator().manual_seed(seed)
     W = left + gap + right
     starts = torch.randint(0, len(data) - W, (n,), generator=g)
     windows = torch.stack([data[s: s + W] for s in starts]).long()
     truth = windows[:, left: left + gap]
     prompts = [w[:left].tolist() for w in windows]
-    settings = settings_for(model, max_new_tokens=gap + right, steps=steps)
+    settings = settings_for(model, max_new_tokens=gap + right, steps=steps, entropy_bound=entropy_bound)
     settings.eos_token_ids = ()  # fixed-length fills
     both_pins = [{gap + i: int(t) for i, t in enumerate(w[left + gap:])} for w in windows]
     torch.manual_seed(seed)
@@ -90,9 +90,9 @@ def main(a) -> int:
     data = held_out_stream(tok)
     c = model.config
     res = {"loss": {}}
-    for t in (0.25, 0.5, 0.75):
+    for t in (() if a.skip_loss else (0.25, 0.5, 0.75)):
         res["loss"][t] = train.heldout_loss(model, data, a.prefix, a.prefix + 2 * c.canvas_length, t, n=64, seed=1)
-    inf = infill_accuracy(model, data, n=a.snippets, steps=a.steps)
+    inf = infill_accuracy(model, data, n=a.snippets, steps=a.steps, entropy_bound=a.entropy_bound)
     uni = unigram_token(tok)
     res["infill"] = {"both_contexts": inf["both"], "left_only": inf["left_only"],
                      "unigram": (inf["truth"] == uni).float().mean().item(), "snippets": a.snippets}
@@ -115,6 +115,8 @@ if __name__ == "__main__":
     p.add_argument("--model", default="weights", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--snippets", type=int, default=200, help="infill snippets (default 200)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
+    p.add_argument("--entropy-bound", type=float, help="sampler entropy bound (default: the checkpoint's)")
+    p.add_argument("--skip-loss", action="store_true", help="only the infill part")
     p.add_argument("--prefix", type=int, default=48, help="clean prefix of the loss windows (as in training)")
     p.add_argument("--device", default="cpu", help="device (default cpu)")
     p.add_argument("--json", help="also write the results to this file")
