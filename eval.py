@@ -58,8 +58,9 @@ def infill_accuracy(model, data: torch.Tensor, n: int = 200, left: int = 32, gap
 def compare(a) -> int:
     """Committed-token agreement of a second checkpoint (e.g. quantized) with the first over 50 held-out
     prompts (same seed, same settings), and the change in held-out loss."""
-    ref, tok = load(a.model, device=a.device)
-    other, _ = load(a.compare, device=a.device)
+    dtype = torch.float32 if a.device == "cpu" else None  # bf16 matmuls are slow on CPUs
+    ref, tok = load(a.model, device=a.device, dtype=dtype)
+    other, _ = load(a.compare, device=a.device, dtype=dtype)
     data = held_out_stream(tok)
     g = torch.Generator().manual_seed(2)
     starts = torch.randint(0, len(data) - 64, (a.prompts,), generator=g)
