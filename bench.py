@@ -63,11 +63,11 @@ def device_ceilings(device) -> dict:
     return {"bandwidth_GBps": bw / 1e9, "bf16_TFLOPs": 2 * m ** 3 / t / 1e12}
 
 
-def step_bytes(model: DiffusionGemma) -> int:
-    """Weight bytes one denoising step reads: every parameter once, plus the embedding twice more
-    (the tied lm_head and the self-conditioning soft embedding)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    E = model.embed_tokens.weight
+def step_bytes(model) -> int:
+    """Bytes one step reads, for any weight format: every parameter and buffer, plus the embedding
+    twice more (tied head and self-conditioning)."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    E = model.embedding_matrix()
     return total + 2 * E.numel() * E.element_size()
 
 
@@ -170,7 +170,7 @@ def bench_quant(a, device, cfg, ceilings) -> dict:
         denoise = choose_fast_path(m, "auto", announce=True)
         rows.append(measure(name, lambda n, m=m, d=denoise: (lambda: block_diffusion(m, [prompt[0].tolist()], s(n),
                                                                                         denoise=d)), device, steps, C))
-        rows[-1]["floor_ms_per_step"] = step_bytes_any(m) / (ceilings["bandwidth_GBps"] * 1e9) * 1e3
+        rows[-1]["floor_ms_per_step"] = step_bytes(m) / (ceilings["bandwidth_GBps"] * 1e9) * 1e3
         cache = KVCache(cfg.layer_types, cfg.sliding_window)
         m.forward_causal(prompt, cache)
         logits.append(m.forward_canvas(canvas, cache))
@@ -184,14 +184,6 @@ def bench_quant(a, device, cfg, ceilings) -> dict:
     print(f"{a.quant} vs bf16: relative logit error {rel:.4f}, denoiser argmax agreement {agree:.4%}")
     return {"quant": a.quant, "rows": rows, "relative_logit_error": rel, "argmax_agreement": agree,
             "vllm_fp8_tok_s": VLLM_FP8_TOK_S}
-
-
-def step_bytes_any(model) -> int:
-    """Bytes one step reads, for any weight format: every parameter and buffer, plus the embedding
-    twice more (tied head and self-conditioning)."""
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    E = model.embedding_matrix()
-    return total + 2 * E.numel() * E.element_size()
 
 
 def main(a) -> int:
