@@ -14,10 +14,12 @@ Two modes over one set of weights:
   canvas    the denoising pass over the 256-token canvas; attends to [cache ; canvas] with no mask
             at all (bidirectional, and sliding layers simply see what their cache holds)
 
-Dims legend: B batch, S new tokens, T keys, H query heads, Hkv kv heads, d head_dim.
+Dims legend: B batch, S new tokens, T keys, H query heads, Hkv kv heads, d head_dim, C canvas.
 
-    attn = Attention(config, layer_idx)
-    y = attn(x, rope, cache.layers[layer_idx], mask, mode="canvas")
+    import torch; from attention import Attention, rope_cos_sin, rope_inv_freq; from kvcache import LayerCache
+    attn = Attention(hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8, k_eq_v=False, eps=1e-6)
+    cos, sin = rope_cos_sin(rope_inv_freq(8, 10000.0, "default"), torch.arange(5)[None], torch.float32)
+    y = attn(torch.randn(1, 5, 32), cos, sin, LayerCache(None), None, "causal")   # (1, 5, 32)
 """
 
 import torch
@@ -73,6 +75,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim: the half-split rotation of RoPE."""
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
 
@@ -105,14 +108,13 @@ def causal_mask(cache: KVCache, layer_idx: int, n_new: int, sliding_window: int 
     return mask
 
 
-def canvas_mask(cache: KVCache, layer_idx: int, canvas_length: int) -> torch.Tensor | None:
-    """(B, 1, C, T) mask for the denoising pass: None (attend to everything) unless the batch is padded."""
+def canvas_valid(cache: KVCache, layer_idx: int) -> torch.Tensor | None:
+    """(B, T_cache) bool: which cached keys of this layer a denoising pass may see; None when
+    nothing is padded (the canvas attends to everything)."""
     if not cache.has_padding:
         return None
     first = cache.first_cached_position(layer_idx)
-    valid = cache.valid[:, first: cache.length]  # (B, T_cache)
-    valid = F.pad(valid, (0, canvas_length), value=True)  # the canvas itself is never padding
-    return valid[:, None, None, :].expand(-1, 1, canvas_length, -1)
+    return cache.valid[:, first: cache.length]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -132,7 +134,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, **kwargs)
 
 
+def canvas_attention(q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                     k_new: torch.Tensor, v_new: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The denoising pass's attention: every canvas query sees every cached key and every canvas key.
+
+    q (B, H, C, d); k_cache/v_cache (B, Hkv, Tc, d) or None; k_new/v_new (B, Hkv, C, d);
+    valid (B, Tc) bool or None (left padding). Returns (B, H, C, d). The specification that
+    cuda_kernels.canvas_attention (reading the cache in place) must match.
+    """
+    k, v = k_new, v_new
+    if k_cache is not None:
+        k, v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)  # (B, Hkv, Tc + C, d)
+    mask = None
+    if valid is not None:
+        C = q.shape[2]
+        mask = F.pad(valid, (0, C), value=True)[:, None, None, :].expand(-1, 1, C, -1)  # (B, 1, C, Tc + C)
+    return attend(q, k, v, mask)
+
+
 class Attention(nn.Module):
+    """The attention block of one layer (K = V when k_eq_v: the full layers have no v_proj)."""
     def __init__(self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int, k_eq_v: bool, eps: float):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -143,7 +164,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.v_norm = RMSNorm(head_dim, eps, with_scale=False)
-        self.canvas_kernel = None  # a fast canvas attention (cuda_kernels.use_kernels)
+        # the canvas attention: this function, or a fast one with its signature (cuda_kernels.use_kernels)
+        self.canvas_attention = canvas_attention
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projections, norms and RoPE. Returns q (B, H, S, d), k and v (B, Hkv, S, d)."""
@@ -156,18 +178,21 @@ class Attention(nn.Module):
         v = self.v_norm(v).transpose(1, 2)
         return q, k, v
 
-    def forward(self, x, cos, sin, layer_cache: LayerCache, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_cache: LayerCache | None, mask: torch.Tensor | None,
+                mode: str) -> torch.Tensor:
+        """x (B, S, hidden) -> (B, S, hidden).
+
+        causal: mask (B or 1, 1, S, T) over [what the cache shows ; x]; appends x's K/V to the cache
+                (layer_cache None: attend within x only, as training does).
+        canvas: mask is the (B, T_cache) `valid` of canvas_valid, or None; the cache is only read.
+        """
         B, S, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if mode == "causal":
-            k, v = layer_cache.append(k, v)  # the cache now holds them for every later pass
-        else:  # "canvas": read the cache, leave it untouched
+            if layer_cache is not None:
+                k, v = layer_cache.append(k, v)  # the cache now holds them for every later pass
+            y = attend(q, k, v, mask)  # (B, H, S, d)
+        else:
             k_old, v_old = layer_cache.read()
-            if self.canvas_kernel is not None:  # reads the cache in place, no concatenation
-                valid = None if mask is None else mask[:, 0, 0, : mask.shape[-1] - S]
-                y = self.canvas_kernel(q, k_old, v_old, k, v, valid)  # (B, H, S, d)
-                return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
-            if k_old is not None:
-                k, v = torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)  # (B, Hkv, T + C, d)
-        y = attend(q, k, v, mask)  # (B, H, S, d)
+            y = self.canvas_attention(q, k_old, v_old, k, v, mask)  # (B, H, S, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))

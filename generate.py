@@ -1,253 +1,41 @@
-"""Generate text with DiffusionGemma by block diffusion: the command line, the loop, a small API.
+"""Generate with DiffusionGemma by block diffusion: the Python API and the command line.
 
-Follows transformers 5.17.0 `DiffusionGemmaGenerationMixin.generate`: the same seed gives the same
-tokens. The loop, per 256-token canvas:
-  1. causal pass over the tokens not yet in the cache (the prompt, then the last committed canvas)
-  2. canvas = uniformly random tokens
-  3. up to max_steps denoising steps (step counts down): logits = model(canvas, cache, previous
-     logits for self-conditioning); the sampler keeps the most certain tokens and renoises the rest;
-     stop early once the argmax is stable and confident
-  4. commit the final ARGMAX canvas; after an end-of-turn/EOS token everything becomes padding
-Unlike transformers, --max-new-tokens is exact: the last canvas is trimmed.
+The algorithm itself (the loop over canvases, the denoising steps, the entropy-bound sampler) is in
+sampler.py; this file turns text into token ids and back, and offers the ways to use it: a prompt,
+a batch of prompts, a conversation (chat.py), a gap to fill (infill), a template whose holes the
+model fills, and best-of-N with a check that accepts a sample. The same seed gives the same tokens
+as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
 
-    python generate.py --model google/diffusiongemma-26B-A4B-it "Why is the sky blue?"
+    python generate.py                          # the bundled model solves a Sudoku puzzle
+    python generate.py --model weights-code --max-new-tokens 32 "def fibonacci(n):"
 
     from generate import load, generate
-    model, tokenizer = load("path/to/checkpoint")
-    print(generate(model, tokenizer, "def fib(n):", max_new_tokens=64, seed=0))
+    model, tokenizer = load("weights-code")
+    print(generate(model, tokenizer, "def fib(n):", max_new_tokens=16, seed=0))
 """
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import distributed
+import sudoku
+from checkpoint import load_model, resolve_checkpoint
 from cuda_kernels import KernelBuildError
-from kvcache import KVCache
-from model import CheckpointError, DiffusionGemma, load_model, resolve_checkpoint
-from sampler import DenoiseState, SamplerSettings, sampler_step
+from editing import FILL, fill, parse_infill, parse_pin, parse_template, shell_accept
+from hfconfig import CheckpointError, read_config, read_generation_config
+from sampler import GenerationSettings, NonFiniteLogits, denoise_canvas, run_batches
+from terminal import (Parser, Progress, StreamPrinter, UsageError, closing_line, dim, free_memory, out_of_memory_line,
+                      positive, stopped)
+from tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
-
-# chat format of the Gemma 4 instruction-tuned models (SPEC §6)
-BOS, TURN_OPEN, TURN_CLOSE = "<bos>", "<|turn>", "<turn|>"
-EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
-THINK_SYSTEM_TURN = "<|turn>system\n<|think|><turn|>\n"
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for (exit code 2)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    eos_token_ids: tuple = (1, 106, 50)
-    pad_token_id: int = 0
-
-
-def read_generation_config(path: Path | None, config_eos: list[int]) -> GenerationSettings:
-    """Defaults from the checkpoint's generation_config.json, else the transformers defaults."""
-    g = {}
-    if path is not None and (path / "generation_config.json").is_file():
-        try:
-            g = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path / 'generation_config.json'} is not valid JSON ({e})") from None
-    g = {k: v for k, v in g.items() if v is not None}  # unset fields are written as null
-    s = SamplerSettings()
-    s.max_steps = g.get("max_denoising_steps", s.max_steps)
-    s.entropy_bound = (g.get("sampler_config") or {}).get("entropy_bound", s.entropy_bound)
-    s.t_min = g.get("t_min", s.t_min)
-    s.t_max = g.get("t_max", s.t_max)
-    s.stability_threshold = g.get("stability_threshold", s.stability_threshold)
-    s.confidence_threshold = g.get("confidence_threshold", s.confidence_threshold)
-    eos = g.get("eos_token_id", config_eos)
-    return GenerationSettings(max_new_tokens=g.get("max_new_tokens", 256), sampler=s,
-                              eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-                              pad_token_id=g.get("pad_token_id", 0))
-
-
-# ---------------------------------------------------------------------------------------------
-# The block-diffusion loop
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class GenerationResult:
-    sequences: torch.Tensor  # (B, P + n_canvas * C): prompts (left padded) + whole canvases, as transformers
-    prompt_length: int  # P
-    tokens: list  # per row: the new tokens, cut after EOS and at max_new_tokens
-    canvases: int = 0
-    steps: list = field(default_factory=list)  # denoising steps run for each canvas
-    seconds: float = 0.0
-
-
-def finalize_canvas(seq: torch.Tensor, finished: torch.Tensor, C: int, eos: torch.Tensor, pad: int,
-                    max_length: int) -> torch.Tensor:
-    """After a commit: which rows are done, and padding after EOS (as transformers _finalize_canvas)."""
-    new = seq[:, -C:]
-    done_now = torch.isin(new, eos).any(dim=-1) | (seq.shape[1] >= max_length)
-    previously = finished
-    finished = previously | done_now
-    if finished.any():
-        seq[previously, -C:] = pad  # rows finished in an earlier canvas: all padding
-        if done_now.any():
-            is_eos = torch.isin(new, eos)
-            seen = is_eos.cumsum(dim=-1)
-            after_first_eos = (seen > 0) & ~((seen == 1) & is_eos)
-            new[after_first_eos] = pad  # writes into seq
-    return finished
-
-
-def denoise_canvas(model: DiffusionGemma, cache: KVCache, state: DenoiseState, s: SamplerSettings,
-                   pinned=None, pinned_tokens=None, on_step=None) -> tuple[DenoiseState, int]:
-    """Refine one canvas: up to s.max_steps denoising steps (step counts down), stopping early once
-    every row is stable and confident. Returns the final state and the number of steps run.
-    (cudagraph.GraphedDenoiser is the same function with the step captured in a CUDA graph.)"""
-    steps = 0
-    for step in range(s.max_steps, 0, -1):
-        raw = model.forward_canvas(state.canvas, cache, state.sc_logits)  # (B, C, V) fp32
-        state = sampler_step(state, raw, step, s, model.dtype, pinned, pinned_tokens)
-        steps += 1
-        if on_step is not None:
-            on_step(step, state)
-        if bool(state.finished.all()):
-            break
-    return state, steps
-
-
-@torch.no_grad()
-def block_diffusion(model: DiffusionGemma, prompts: list[list[int]], settings: GenerationSettings,
-                    pins: list[dict[int, int]] | None = None, on_step=None, on_canvas=None,
-                    denoise=denoise_canvas) -> GenerationResult:
-    """Generate continuations of token-id prompts (a batch, left padded).
-
-    pins: per row {offset from the first new token: token id}; those positions of the canvases are
-    fixed (infill, closing tags) and never renoised.
-    on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, seq, finished)
-    after every commit. denoise: denoise_canvas, or a faster function with its signature.
-    """
-    c = model.config
-    C, V = c.canvas_length, c.vocab_size
-    device = model.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    seq = torch.full((B, P), settings.pad_token_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, P, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        seq[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[b, P - len(p):] = True
-    n_canvas = math.ceil(settings.max_new_tokens / C)
-    max_length = P + settings.max_new_tokens
-    eos = torch.tensor(settings.eos_token_ids, device=device)
-    cache = KVCache(c.layer_types, c.sliding_window)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    result = GenerationResult(sequences=seq, prompt_length=P, tokens=[])
-    t0 = time.perf_counter()
-
-    pending, pending_valid = seq, (None if bool(valid.all()) else valid)
-    for ci in range(n_canvas):
-        model.forward_causal(pending, cache, pending_valid)  # 1. read what the cache lacks
-        pinned, pinned_tokens = canvas_pins(pins, ci, B, C, device)
-        state = DenoiseState.start(B, C, V, device, pinned, pinned_tokens)  # 2. random canvas
-        step_hook = None if on_step is None else (lambda step, st, ci=ci: on_step(ci, step, st))
-        state, steps = denoise(model, cache, state, settings.sampler, pinned, pinned_tokens, step_hook)  # 3.
-        seq = torch.cat([seq, state.argmax], dim=1)  # 4. commit the argmax
-        finished = finalize_canvas(seq, finished, C, eos, settings.pad_token_id, max_length)
-        result.steps.append(steps)
-        result.canvases += 1
-        if on_canvas is not None:
-            on_canvas(ci, seq, finished)
-        if bool(finished.all()):
-            break
-        pending, pending_valid = seq[:, -C:], None
-
-    result.sequences = seq
-    result.seconds = time.perf_counter() - t0
-    result.tokens = [trim(seq[b, P:].tolist(), settings) for b in range(B)]
-    return result
-
-
-def canvas_pins(pins, ci: int, B: int, C: int, device):
-    """The (B, C) pinned mask and tokens of canvas ci, or (None, None)."""
-    if not pins or not any(pins):
-        return None, None
-    mask = torch.zeros(B, C, dtype=torch.bool, device=device)
-    tokens = torch.zeros(B, C, dtype=torch.long, device=device)
-    for b, row in enumerate(pins):
-        for offset, tok in (row or {}).items():
-            if ci * C <= offset < (ci + 1) * C:
-                mask[b, offset - ci * C] = True
-                tokens[b, offset - ci * C] = tok
-    return (mask, tokens) if mask.any() else (None, None)
-
-
-def trim(tokens: list[int], settings: GenerationSettings) -> list[int]:
-    """New tokens up to (not including) the first EOS, at most max_new_tokens."""
-    out = []
-    for t in tokens[: settings.max_new_tokens]:
-        if t in settings.eos_token_ids:
-            break
-        out.append(t)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer and chat format
-# ---------------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """tokenizer.json (Hugging Face `tokenizers`) plus the Gemma 4 chat format."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer as HFTokenizer
-        try:
-            self.tok = HFTokenizer.from_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
-        self.path = path
-
-    @property
-    def is_chat(self) -> bool:
-        """Instruction-tuned Gemma 4 tokenizers have the turn markers."""
-        return self.tok.token_to_id(TURN_OPEN) is not None and self.tok.token_to_id(TURN_CLOSE) is not None
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def prompt_ids(self, text: str, chat: bool, thinking: bool = False) -> list[int]:
-        """The chat template of a user turn (as apply_chat_template(add_generation_prompt=True)), or
-        the text untouched, with only the special tokens the tokenizer itself adds (Gemma: <bos>)."""
-        if not chat:
-            return self.tok.encode(text, add_special_tokens=True).ids
-        system = THINK_SYSTEM_TURN if thinking else ""
-        thought = "" if thinking else EMPTY_THOUGHT  # non-thinking: an empty, closed thought block
-        return self.encode(f"{BOS}{system}{TURN_OPEN}user\n{text}{TURN_CLOSE}\n{TURN_OPEN}model\n{thought}")
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-
-def find_tokenizer(checkpoint: Path, override: str | None, vocab_size: int) -> Tokenizer:
-    path = Path(override) if override else checkpoint / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: the checkpoint has no tokenizer.json; pass --tokenizer FILE")
-    tok = Tokenizer(path)
-    if tok.tok.get_vocab_size() > vocab_size:
-        raise CheckpointError(f"{path} has {tok.tok.get_vocab_size()} tokens but the model only {vocab_size}: "
-                              "use the tokenizer that came with the checkpoint")
-    return tok
+DEFAULT_PROMPT = "def fibonacci(n):\n"  # what a model without a demo of its own is asked
+MAX_DEFAULT_BATCH = 64  # more prompts at once gain little and cost memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +43,7 @@ def find_tokenizer(checkpoint: Path, override: str | None, vocab_size: int) -> T
 # ---------------------------------------------------------------------------------------------
 
 def default_device() -> str:
+    """cuda when available, else mps, else cpu."""
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -263,27 +52,20 @@ def default_device() -> str:
 
 
 def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype: torch.dtype | None = None,
-         tokenizer: str | None = None):
-    """(model, tokenizer) from a checkpoint directory or a Hugging Face repo id."""
-    path = resolve_checkpoint(str(model))
-    net = load_model(path, device or default_device(), dtype)
-    net.checkpoint_dir = path
+         tokenizer: str | None = None, sharding=None) -> tuple:
+    """(model, tokenizer) from a checkpoint directory or a Hugging Face repo id. The model carries
+    its generation_config.json as model.generation_settings. sharding: distributed.Sharding."""
+    path = resolve_checkpoint(model)
+    tok = load_tokenizer(path, tokenizer, read_config(path).vocab_size)  # before the weights: fail fast
+    net = load_model(path, device or default_device(), dtype, sharding)
     net.generation_settings = read_generation_config(path, net.config.eos_token_id)
-    return net, find_tokenizer(path, tokenizer, net.config.vocab_size)
+    return net, tok
 
 
 def settings_for(model, **overrides) -> GenerationSettings:
-    """The checkpoint's defaults, with overrides (max_new_tokens, steps, entropy_bound)."""
+    """The checkpoint's defaults with overrides (max_new_tokens, steps, entropy_bound, eos_token_ids)."""
     base = getattr(model, "generation_settings", None) or read_generation_config(None, model.config.eos_token_id)
-    s = GenerationSettings(max_new_tokens=base.max_new_tokens, sampler=SamplerSettings(**vars(base.sampler)),
-                           eos_token_ids=base.eos_token_ids, pad_token_id=base.pad_token_id)
-    if overrides.get("max_new_tokens") is not None:
-        s.max_new_tokens = overrides["max_new_tokens"]
-    if overrides.get("steps") is not None:
-        s.sampler.max_steps = overrides["steps"]
-    if overrides.get("entropy_bound") is not None:
-        s.sampler.entropy_bound = overrides["entropy_bound"]
-    return s
+    return base.copy(**overrides)
 
 
 def check_context(model, n_prompt: int, max_new_tokens: int, name: str = "prompt") -> None:
@@ -291,211 +73,136 @@ def check_context(model, n_prompt: int, max_new_tokens: int, name: str = "prompt
     C, limit = model.config.canvas_length, model.config.max_position_embeddings
     need = n_prompt + math.ceil(max_new_tokens / C) * C
     if need > limit:
-        raise UsageError(f"{name} has {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that needs {need} "
-                         f"positions but the model has {limit}: shorten the prompt or ask for fewer tokens")
+        raise UsageError(f"the {name} has {n_prompt} tokens; with {max_new_tokens} new tokens that needs {need} "
+                         f"positions but the model has {limit}: shorten it or ask for fewer new tokens")
 
 
-def encode_prompts(model, tokenizer: Tokenizer, prompts: list[str], raw: bool, thinking: bool,
-                   settings: GenerationSettings) -> list[list[int]]:
-    out = []
-    for i, text in enumerate(prompts):
-        name = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-        if not text.strip():
-            raise UsageError(f"the {name} is empty")
-        ids = tokenizer.prompt_ids(text, chat=tokenizer.is_chat and not raw, thinking=thinking)
-        check_context(model, len(ids), settings.max_new_tokens, name)
-        out.append(ids)
-    return out
+def encode_prompt(model, tokenizer: Tokenizer, text: str, settings: GenerationSettings, raw: bool = False,
+                  thinking: bool = False, system: str | None = None, name: str = "prompt") -> list[int]:
+    """A user turn in the checkpoint's chat format (plain text with raw, or for a tokenizer without one)."""
+    if not text.strip():
+        raise UsageError(f"the {name} is empty")
+    ids = tokenizer.prompt_ids(text, chat=not raw, thinking=thinking, system=system)
+    if ids and max(ids) >= model.config.vocab_size:
+        raise UsageError(f"the {name} holds a token the model has no embedding for "
+                         f"({tokenizer.decode_visible([max(ids)])!r}): leave it out")
+    check_context(model, len(ids), settings.max_new_tokens, name)
+    return ids
+
+
+def default_batch_size(model, n_prompts: int) -> int:
+    """How many prompts to generate at once: what fits in half the free memory (the logits and
+    their temporaries dominate: about 5 fp32 copies of canvas x vocab per prompt), at most 64."""
+    per_prompt = 5 * 4 * model.config.canvas_length * model.config.vocab_size
+    mem = free_memory(model.device)
+    fits = MAX_DEFAULT_BATCH if mem is None else int(0.5 * mem[0] // per_prompt)
+    return max(1, min(n_prompts, fits, MAX_DEFAULT_BATCH))
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str | list[str], max_new_tokens: int | None = None,
              steps: int | None = None, entropy_bound: float | None = None, seed: int | None = None,
-             raw: bool = False, thinking: bool = False) -> str | list[str]:
-    """Text for one prompt, or a list of texts for a list of prompts (generated as one batch)."""
+             raw: bool = False, thinking: bool = False, system: str | None = None,
+             batch_size: int | None = None, return_thought: bool = False):
+    """Text for one prompt, or a list of texts for a list of prompts (in batches of batch_size).
+    The thought of a thinking model is left out of the text; return_thought: (answer, thought)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     settings = settings_for(model, max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound)
-    ids = encode_prompts(model, tokenizer, prompts, raw, thinking, settings)
+    ids = [encode_prompt(model, tokenizer, p, settings, raw, thinking, system) for p in prompts]
     if seed is not None:
         torch.manual_seed(seed)
-    result = block_diffusion(model, ids, settings)
-    texts = [tokenizer.decode(t) for t in result.tokens]
-    return texts[0] if isinstance(prompt, str) else texts
-
-
-FILL = "<FILL>"
-
-
-@dataclass
-class Infill:
-    """A gap to fill: the left context is the prompt; the canvas holds fill_length free tokens
-    followed by the right context, pinned."""
-    left: list[int]
-    right: list[int]
-    fill_length: int
-
-    @property
-    def pins(self) -> dict[int, int]:
-        return {self.fill_length + i: t for i, t in enumerate(self.right)}
-
-    @property
-    def new_tokens(self) -> int:
-        return self.fill_length + len(self.right)
-
-
-def make_infill(tokenizer: Tokenizer, text: str, fill_length: int) -> Infill:
-    if text.count(FILL) != 1:
-        raise UsageError(f"--infill text must contain {FILL} exactly once (it has {text.count(FILL)})")
-    left, right = text.split(FILL)
-    if not left.strip():
-        raise UsageError(f"--infill needs some text before {FILL}: it is the prompt")
-    return Infill(left=tokenizer.prompt_ids(left, chat=False), right=tokenizer.encode(right) if right else [],
-                  fill_length=fill_length)
-
-
-def parse_pin(tokenizer: Tokenizer, spec: str) -> dict[int, int]:
-    """--pin OFFSET:TEXT: the tokens of TEXT fixed from new-token OFFSET on."""
-    offset, sep, text = spec.partition(":")
-    if not sep or not offset.strip().isdigit() or not text:
-        raise UsageError(f"--pin {spec!r}: expected OFFSET:TEXT, e.g. --pin 40:'}}'")
-    return {int(offset) + i: t for i, t in enumerate(tokenizer.encode(text))}
+    out = []
+    for result in run_batches(model, ids, settings, batch_size or default_batch_size(model, len(ids))):
+        for tokens in result.tokens:
+            split = tokenizer.split_thought(tokens)
+            answer = tokenizer.decode(split.answer)
+            thought = None if split.thought is None else tokenizer.decode(split.thought)
+            out.append((answer, thought) if return_thought else answer)
+    return out[0] if isinstance(prompt, str) else out
 
 
 def infill(model, tokenizer: Tokenizer, text: str, fill_length: int = 16, steps: int | None = None,
            seed: int | None = None) -> str:
     """The text that fills the single <FILL> of `text`, given what stands on both sides of it."""
-    job = make_infill(tokenizer, text, fill_length)
-    settings = settings_for(model, max_new_tokens=job.new_tokens, steps=steps)
-    settings.eos_token_ids = ()  # the fill has a fixed length: no early end
+    left, canvas = parse_infill(tokenizer, text, fill_length)
+    check_context(model, len(left), canvas.length)
     if seed is not None:
         torch.manual_seed(seed)
-    result = block_diffusion(model, [job.left], settings, pins=[job.pins])
-    return tokenizer.decode(result.tokens[0][: job.fill_length])
+    tokens, _, _ = fill(model, left, canvas, settings_for(model, steps=steps))
+    return tokenizer.decode(tokens[0][:fill_length])
 
 
-# ---------------------------------------------------------------------------------------------
-# Terminal output
-# ---------------------------------------------------------------------------------------------
-
-class CanvasView:
-    """--show-canvas: redraws the current argmax canvas in place on stderr at every step."""
-
-    def __init__(self, tokenizer: Tokenizer, stream=sys.stderr):
-        self.tok, self.out, self.lines = tokenizer, stream, 0
-
-    def draw(self, ci: int, step: int, state: DenoiseState) -> None:
-        text = self.tok.decode(state.argmax[0].tolist()).replace("\r", "")
-        width = max(20, shutil.get_terminal_size((100, 20)).columns)
-        header = f"canvas {ci + 1} · step {step} · accepted {int(state.accepted[0].sum())}"
-        body = [header] + [ln[i: i + width] for ln in text.split("\n") for i in range(0, max(len(ln), 1), width)]
-        self.clear()
-        self.out.write("\033[33m" + "\n".join(body) + "\033[0m\n")
-        self.out.flush()
-        self.lines = len(body)
-
-    def clear(self) -> None:
-        if self.lines:
-            self.out.write(f"\033[{self.lines}F\033[J")
-            self.lines = 0
+def fill_template(model, tokenizer: Tokenizer, template: str, prompt: str | None = None, hole: str = "_",
+                  steps: int | None = None, seed: int | None = None, samples: int = 1, accept=None) -> str | None:
+    """The template with its holes filled (after an optional prompt); with samples > 1 and
+    accept(text) -> bool, the first sample it accepts (None if none does)."""
+    settings = settings_for(model, steps=steps)
+    ids = encode_prompt(model, tokenizer, prompt, settings) if prompt else [model.config.bos_token_id]
+    canvas = parse_template(tokenizer, template, hole)
+    check_context(model, len(ids), canvas.length)
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokens, ok, _ = fill(model, ids, canvas, settings, samples,
+                      None if accept is None else (lambda t: accept(tokenizer.decode(t))))
+    return next((tokenizer.decode(t) for t, good in zip(tokens, ok) if good), None)
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
-    try:
-        import resource
-        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (process RSS)"
-    except ImportError:
-        return "n/a"
-
-
-def choose_fast_path(model, kernels: str = "auto", cuda_graph: bool = True, announce: bool = True):
+def choose_fast_path(model, kernels: str = "auto", cuda_graph: bool = True) -> tuple:
     """The one place where the fast paths are chosen: CUDA kernels in the layers, and the CUDA-graph
-    step on top of them. Returns the denoise function for block_diffusion."""
+    step on top of them. Returns the denoise function for block_diffusion and the line announcing
+    the choice ("kernels: cuda ✓ (...), cuda graph ✓" or "kernels: torch (why)")."""
     from cuda_kernels import use_kernels
     line = use_kernels(model, kernels)
-    denoise = denoise_canvas
     if line.startswith("kernels: cuda") and cuda_graph:
         from cudagraph import GraphedDenoiser
-        denoise = GraphedDenoiser()
-        line += ", cuda graph ✓"
-    if announce:
-        print(line, file=sys.stderr)
-    return denoise
+        return GraphedDenoiser(), line + ", cuda graph ✓"
+    return denoise_canvas, line
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {v}")
-    return v
-
-
-def read_batch_file(path: str) -> list[str]:
-    text = read_text_file(path, "batch file")
-    prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"batch file {path} has no prompts (one prompt a line)")
-    return prompts
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Generate text with DiffusionGemma (block diffusion).")
-    p.add_argument("prompt", nargs="?", help="the prompt (default: a code prompt for the bundled model)")
-    p.add_argument("--model", help="checkpoint directory or Hugging Face repo id "
-                                   "(default: the bundled model in ./weights)")
+    """Every flag of generate.py."""
+    p = Parser(description="Generate with DiffusionGemma (block diffusion).")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: the bundled model's demo)")
+    p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: ./weights)")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the checkpoint's")
-    p.add_argument("--max-new-tokens", type=positive_int, help="exact number of new tokens at most "
-                                                                 "(default: generation_config.json, else 256)")
-    p.add_argument("--steps", type=positive_int, help="maximum denoising steps per canvas (default 48)")
-    p.add_argument("--entropy-bound", type=positive_float, help="entropy budget of accepted tokens per step (default 0.1)")
+    p.add_argument("--max-new-tokens", type=positive(int), help="new tokens at most (default: generation_config.json)")
+    p.add_argument("--steps", type=positive(int), help="maximum denoising steps per canvas (default: the checkpoint's)")
+    p.add_argument("--entropy-bound", type=positive(float), help="entropy budget of the tokens accepted per step")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-file", help="a UTF-8 file with one prompt a line, generated together as one batch")
-    p.add_argument("--infill", help=f"fill a gap: 'left{FILL}right'; the left side is the prompt, the right side "
-                                    "is pinned after the gap; prints the filled text")
-    p.add_argument("--infill-file", help=f"like --infill, the text read from a UTF-8 file")
-    p.add_argument("--fill-length", type=positive_int, default=16, help="tokens in the gap for --infill (default 16)")
+    p.add_argument("--batch-file", help="a UTF-8 file with one prompt a line")
+    p.add_argument("--batch-size", type=positive(int), help="prompts generated at once (default: what fits, at most 64)")
+    p.add_argument("--infill", help=f"fill a gap: 'left{FILL}right'; the right side is pinned after the gap")
+    p.add_argument("--infill-file", help="like --infill, the text read from a UTF-8 file")
+    p.add_argument("--fill-length", type=positive(int), default=16, help="tokens in the gap for --infill (default 16)")
+    p.add_argument("--template", help="text whose holes (--hole) the model fills; the rest is pinned")
+    p.add_argument("--template-file", help="like --template, the text read from a UTF-8 file")
+    p.add_argument("--hole", default="_", help="the character that marks a free position in a template (default _)")
+    p.add_argument("--sudoku", metavar="GRID", help="a puzzle for a Sudoku model: its digits row by row, . or 0 empty")
     p.add_argument("--pin", action="append", default=[], metavar="OFFSET:TEXT",
-                   help="fix the tokens of TEXT at new-token OFFSET (e.g. a closing '}' or '</div>'); repeatable")
-    p.add_argument("--raw", action="store_true", help="send the prompt untouched (after <bos>), without the chat format")
-    p.add_argument("--thinking", action="store_true", help="let an instruction-tuned model think first")
+                   help="fix the tokens of TEXT at new-token OFFSET (e.g. a closing '}'); repeatable")
+    p.add_argument("--samples", type=positive(int), help="best-of-N: N samples of the same input, in one batch")
+    p.add_argument("--accept", metavar="CMD", help="shell command given each sample on stdin; exit 0 accepts it")
+    p.add_argument("--raw", action="store_true", help="the prompt as written, without the chat format")
+    p.add_argument("--system", help="a system prompt (instruction-tuned models)")
+    p.add_argument("--thinking", action="store_true", help="let the model think first; the thought goes to stderr")
+    p.add_argument("--print-prompt", action="store_true", help="print the prompt as the model gets it, and exit")
+    p.add_argument("--chat", action="store_true", help="a conversation, a line a turn (/reset, /system TEXT, /exit)")
     p.add_argument("--show-canvas", action="store_true", help="draw the canvas refining step by step (stderr)")
     p.add_argument("--device", help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on the CPU)")
     p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="torch",
-                   help="torch (default): the plain PyTorch path; cuda: CUDA kernels for the experts and canvas "
-                        "attention plus a CUDA-graph step (not yet verified on a GPU); auto: cuda where possible")
-    p.add_argument("--no-cuda-graph", action="store_true", help="with CUDA kernels, run the step without a CUDA graph")
+                   help="torch (default): plain PyTorch; cuda: the CUDA kernels and graph; auto: cuda where possible")
+    p.add_argument("--no-cuda-graph", action="store_true", help="with CUDA kernels, run each step without a CUDA graph")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no closing line")
     return p
 
 
-DEFAULT_PROMPT = "def fibonacci(n):\n"
-
-
 def read_text_file(path: str, what: str) -> str:
+    """A UTF-8 file's text, or a UsageError naming it."""
     try:
         return Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -506,105 +213,240 @@ def read_text_file(path: str, what: str) -> str:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def main(args: argparse.Namespace) -> int:
-    sources = [x for x in (args.prompt is not None, args.batch_file, args.infill, args.infill_file) if x]
-    if len(sources) > 1:
-        raise UsageError("give one of: a prompt, --batch-file, --infill, --infill-file")
-    if args.infill_file:
-        args.infill = read_text_file(args.infill_file, "infill file")
+def check_flags(args) -> None:
+    """Mistakes that need no model; fills in --infill/--template from their files and --model."""
+    for flag in ("infill", "template"):
+        if getattr(args, flag + "_file"):
+            setattr(args, flag, read_text_file(getattr(args, flag + "_file"), f"--{flag}-file"))
+    modes = [m for m in ("batch_file", "infill", "template", "sudoku", "chat") if getattr(args, m) is not None
+             and getattr(args, m) is not False]
+    if len(modes) > 1 or (modes and modes[0] != "template" and args.prompt is not None):
+        raise UsageError("give one of: a prompt, --batch-file, --infill, --template, --sudoku, --chat")
+    if args.accept and not (args.samples or 1) > 1:
+        raise UsageError("--accept picks among samples: give --samples N as well")
+    if len(args.hole) != 1:
+        raise UsageError(f"--hole must be one character, not {args.hole!r}")
     if args.model is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise UsageError("no model given and no bundled model in ./weights: "
                              "pass --model DIR (a checkpoint directory) or --model google/diffusiongemma-26B-A4B-it")
         args.model = str(DEFAULT_MODEL_DIR)
-    prompts = read_batch_file(args.batch_file) if args.batch_file else [
-        DEFAULT_PROMPT if args.prompt is None else args.prompt]
-    device = torch.device(args.device or default_device())
-    # auto: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16 matmuls are slow
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float32 if device.type == "cpu" else None)
-    model, tokenizer = load(args.model, device, dtype, args.tokenizer)
-    settings = settings_for(model, max_new_tokens=args.max_new_tokens, steps=args.steps,
-                            entropy_bound=args.entropy_bound)
-    pins = {}
-    for spec in args.pin:
-        pins.update(parse_pin(tokenizer, spec))
-    job = None
-    if args.infill is not None:
-        job = make_infill(tokenizer, args.infill, args.fill_length)
-        pins.update(job.pins)
-        settings.max_new_tokens = job.new_tokens
-        settings.eos_token_ids = ()  # the fill has a fixed length
-        prompts = [args.infill.split(FILL)[0]]
-        ids = [job.left]
-        check_context(model, len(job.left), settings.max_new_tokens, "the infill text")
-    else:
-        ids = encode_prompts(model, tokenizer, prompts, args.raw, args.thinking, settings)
+
+
+def run_prompts(model, tok: Tokenizer, args, denoise) -> int:
+    """One prompt (streamed canvas by canvas), a batch file (printed in order, batch by batch), or
+    best-of-N samples of one prompt (--samples, --accept)."""
+    texts = [ln for ln in read_text_file(args.batch_file, "batch file").splitlines() if ln.strip()] \
+        if args.batch_file else [DEFAULT_PROMPT if args.prompt is None else args.prompt]
+    if not texts:
+        raise UsageError(f"batch file {args.batch_file} has no prompts (one prompt a line)")
+    settings = settings_for(model, max_new_tokens=args.max_new_tokens, steps=args.steps, entropy_bound=args.entropy_bound)
+    samples = args.samples or 1
+    ids = [encode_prompt(model, tok, t, settings, args.raw, args.thinking, args.system,
+                         "prompt" if len(texts) == 1 else f"prompt {i + 1}") for i, t in enumerate(texts)] * samples
+    pins = {k: v for spec in args.pin for k, v in parse_pin(tok, spec).items()}
     if pins and max(pins) >= settings.max_new_tokens:
-        raise UsageError(f"a pinned position ({max(pins)}) is beyond --max-new-tokens {settings.max_new_tokens}")
-    denoise = choose_fast_path(model, args.kernels, not args.no_cuda_graph, announce=not args.quiet)
-    torch.manual_seed(args.seed)
+        raise UsageError(f"a pinned position ({max(pins)}) is beyond the {settings.max_new_tokens} new tokens")
+    single, C = len(ids) == 1, model.config.canvas_length
+    echo = texts[0] if single and not (tok.is_chat and not args.raw) else ""  # a raw prompt reads on into its text
+    progress = Progress(args, tok, settings.canvases(C) if single else len(ids), "canvas" if single else "prompt")
+    answer = StreamPrinter(sys.stdout, before=progress.bar.clear)
+    thought = StreamPrinter(sys.stderr, before=progress.bar.clear, style=lambda s: dim(s, sys.stderr))
+    answer.update(echo)
+    label = (lambda i: f"sample {i + 1}") if samples > 1 else (lambda i: texts[i][:60])
 
-    from tqdm import tqdm
-    n_canvas = math.ceil(settings.max_new_tokens / model.config.canvas_length)
-    bar = tqdm(total=n_canvas, unit="canvas", file=sys.stderr, disable=args.quiet or args.show_canvas,
-               dynamic_ncols=True)
-    view = CanvasView(tokenizer) if args.show_canvas else None
-    single = len(prompts) == 1 and job is None
-    printed = [""]  # what of the single prompt's answer is already on stdout
+    def on_canvas(start, ci, seq, finished):
+        progress.record(start, ci, seq, settings, C)
+        if single:  # stream: the answer on stdout, the thought (with --thinking) on stderr
+            split = tok.split_thought(progress.committed[0])
+            if args.thinking and split.thought:
+                thought.update("thinking: " + tok.decode(split.thought))
+            answer.update(echo + tok.decode(split.answer))
+            progress.bar.update(1)
 
-    def on_canvas(ci, seq, finished):
-        if view is not None:
-            view.clear()
-        if single:  # stream: print each canvas as soon as it is final
-            text = tokenizer.decode(trim(seq[0, len(ids[0]):].tolist(), settings))
-            if text.startswith(printed[0]):
-                bar.clear()  # keep the bar's line on stderr apart from the text
-                sys.stdout.write(text[len(printed[0]):])
-                sys.stdout.flush()
-                printed[0] = text
-        bar.update(1)
+    def show(row: int, tokens: list[int]) -> None:
+        sys.stdout.write(f"=== {row + 1}: {label(row)}\n{tok.decode(tok.split_thought(tokens).answer)}\n")
 
-    result = block_diffusion(model, ids, settings, pins=[pins] * len(ids) if pins else None,
-                             on_step=view.draw if view else None, on_canvas=on_canvas, denoise=denoise)
-    bar.close()
-    if job is not None:
-        left, right = args.infill.split(FILL)
-        sys.stdout.write(left + tokenizer.decode(result.tokens[0][: job.fill_length]) + right + "\n")
-    elif single:
-        sys.stdout.write("\n")
-    else:
-        for i, toks in enumerate(result.tokens):
-            sys.stdout.write(f"=== {i + 1}: {prompts[i][:60]}\n{tokenizer.decode(toks)}\n")
+    printed = [0]  # rows printed so far
+
+    def on_batch(start, result):
+        if not single and not args.accept:
+            for i, tokens in enumerate(result.tokens):
+                show(start + i, tokens)
+            sys.stdout.flush()
+            printed[0] = start + len(result.tokens)
+        progress.bar.update(0 if single else len(result.tokens))
+
+    try:
+        results = run_batches(model, ids, settings, batch_size_for(model, args, len(ids)),
+                              [pins] * len(ids) if pins else None,
+                              on_batch=on_batch, on_canvas=on_canvas, on_step=progress.on_step, denoise=denoise)
+    except (KeyboardInterrupt, NonFiniteLogits) as e:
+        return stopped(e, progress, (lambda row, toks: None) if single else show, printed[0], single)
+    progress.bar.close()
+    tokens = [t for r in results for t in r.tokens]
+    passed = ""
+    if args.accept:
+        ok = [shell_accept(args.accept)(tok.decode(tok.split_thought(t).answer)) for t in tokens]
+        passed = f", {sum(ok)} of {len(ok)} samples accepted by {args.accept}"
+        if any(ok):
+            sys.stdout.write(tok.decode(tok.split_thought(tokens[ok.index(True)]).answer))
+    if thought.text:
+        sys.stderr.write("\n")
+    sys.stdout.write("\n" if single or args.accept else "")
     sys.stdout.flush()
+    peak = peak_text(model.device)  # every rank takes part
     if not args.quiet:
-        n = sum(len(t) for t in result.tokens)
-        mean_steps = sum(result.steps) / max(len(result.steps), 1)
-        budget = any(len(t) >= settings.max_new_tokens for t in result.tokens)
-        print(f"{n} tokens, {result.canvases} canvases, {mean_steps:.1f} steps/canvas, "
-              f"{n / max(result.seconds, 1e-9):.1f} tok/s, peak memory {peak_memory(device)}, device {device}"
-              + (f" (stopped at --max-new-tokens {settings.max_new_tokens})" if budget else ""), file=sys.stderr)
+        print(closing_line(sum(len(t) for t in tokens), sum(r.canvases for r in results),
+                           [s for r in results for s in r.steps], sum(r.seconds for r in results), model.device,
+                           settings.max_new_tokens if any(len(t) >= settings.max_new_tokens for t in tokens) else None,
+                           passed, peak), file=sys.stderr)
+    if args.accept and not any(ok):
+        print(f"error: none of the {len(ok)} samples was accepted by {args.accept}", file=sys.stderr)
+        return 1
     return 0
 
 
+def run_fill(model, tok: Tokenizer, args, denoise) -> int:
+    """--infill (prints left + fill + right) or --template (prints the filled template)."""
+    settings = settings_for(model, steps=args.steps, entropy_bound=args.entropy_bound)
+    if args.infill is not None:
+        ids, canvas = parse_infill(tok, args.infill, args.fill_length)
+        left, right = args.infill.split(FILL)
+        render = lambda t: left + tok.decode(t[: args.fill_length]) + right  # noqa: E731
+    else:
+        ids = encode_prompt(model, tok, args.prompt, settings, args.raw, args.thinking, args.system) \
+            if args.prompt else [model.config.bos_token_id]
+        canvas = parse_template(tok, args.template, args.hole)
+        render = tok.decode
+    canvas.pins.update({k: v for spec in args.pin for k, v in parse_pin(tok, spec).items()})
+    check_context(model, len(ids), canvas.length, "prompt")
+    check = None if args.accept is None else shell_accept(args.accept)
+    return sample_and_pick(model, tok, args, denoise, ids, canvas, settings, render,
+                           None if check is None else (lambda t: check(render(t))), args.accept)
+
+
+def run_sudoku(model, tok: Tokenizer, shape, args, denoise) -> int:
+    """A Sudoku model: the puzzle (--sudoku, or the built-in one), then the solution and its check."""
+    if shape is None:
+        raise UsageError(f"{args.model} is not a Sudoku model (its tokenizer has no cell tokens)")
+    try:
+        puzzle = sudoku.parse_grid(args.sudoku, shape) if args.sudoku else sudoku.BUILTIN[shape.n]
+    except ValueError as e:
+        raise UsageError(f"--sudoku: {e}") from None
+    print(f"puzzle ({sum(1 for d in puzzle if d)} givens):\n{sudoku.format_grid(puzzle, shape)}\n", flush=True)
+    args.show_canvas = args.show_canvas or sys.stderr.isatty()
+    args.samples = args.samples or sudoku.DEMO_SAMPLES
+    canvas = parse_template(tok, sudoku.template(puzzle, shape))
+    settings = settings_for(model, steps=args.steps, entropy_bound=args.entropy_bound)
+    grid = lambda t: sudoku.from_tokens(t, shape)  # noqa: E731
+    return sample_and_pick(model, tok, args, denoise, [model.config.bos_token_id], canvas, settings,
+                           lambda t: "solution:\n" + sudoku.format_grid(grid(t), shape),
+                           lambda t: sudoku.is_valid(grid(t), shape, puzzle), "the Sudoku rules",
+                           lambda ok: "valid ✓" if ok else "invalid ✗")
+
+
+def sample_and_pick(model, tok, args, denoise, ids, canvas, settings, render, accept, judge, verdict=None) -> int:
+    """Fill the canvas --samples times in one batch; print the first sample `accept` takes (or the
+    first sample, without accept); the closing line counts what passed."""
+    samples, C = args.samples or 1, model.config.canvas_length
+    fixed = settings.copy(max_new_tokens=canvas.length, eos_token_ids=())
+    progress = Progress(args, tok, fixed.canvases(C), "canvas", render)
+
+    def on_canvas(ci, seq, finished):
+        progress.record(0, ci, seq, fixed, C)
+        progress.bar.update(1)
+    try:
+        tokens, ok, result = fill(model, ids, canvas, settings, samples, on_step=progress.on_step,
+                                  on_canvas=on_canvas, denoise=denoise)
+    except (KeyboardInterrupt, NonFiniteLogits) as e:
+        return stopped(e, progress, lambda row, t: sys.stdout.write(render(t)) if row == 0 else None, 0, True)
+    progress.bar.close()
+    if accept is not None:
+        ok = [accept(t) for t in tokens]
+    best = ok.index(True) if any(ok) else 0
+    sys.stdout.write(render(tokens[best]) + "\n" + (verdict(ok[best]) + "\n" if verdict else ""))
+    sys.stdout.flush()
+    peak = peak_text(model.device)
+    if not args.quiet:
+        passed = f", {sum(ok)} of {samples} samples pass {judge}" if accept is not None else ""
+        print(closing_line(canvas.length * samples, result.canvases, result.steps, result.seconds, model.device,
+                           extra=passed, peak=peak), file=sys.stderr)
+    return 0 if any(ok) else 1
+
+
+def load_for(args) -> tuple:
+    """The model and tokenizer the flags ask for (float32 on the CPU by default)."""
+    device = torch.device(args.device or default_device())
+    # auto: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16 matmuls are slow
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float32 if device.type == "cpu" else None)
+    if not distributed.launched():
+        return load(args.model, device, dtype, args.tokenizer)
+    if int(os.environ["RANK"]):  # under torchrun only rank 0 speaks
+        args.quiet, sys.stdout = True, open(os.devnull, "w")
+    return distributed.load_sharded(lambda sharding, dev: load(args.model, dev, dtype, args.tokenizer, sharding),
+                                    device.type, CheckpointError)
+
+
+def batch_size_for(model, args, n: int) -> int:
+    """--batch-size, or what fits; under torchrun the smallest any rank chose (the same batches everywhere)."""
+    size = args.batch_size or default_batch_size(model, n)
+    return distributed.agree_min(size) if distributed.launched() else size
+
+
+def peak_text(device) -> str | None:
+    """Every rank's peak memory under torchrun (each rank must call it), else None."""
+    return distributed.peak_memory_per_rank(device) if distributed.launched() else None
+
+
+def print_prompt(args) -> int:
+    """--print-prompt: the prompt with its special tokens visible, and its length; no weights read."""
+    path = resolve_checkpoint(args.model)
+    tok = load_tokenizer(path, args.tokenizer, read_config(path).vocab_size)
+    ids = tok.prompt_ids(args.prompt or DEFAULT_PROMPT, chat=not args.raw, thinking=args.thinking, system=args.system)
+    print(tok.decode_visible(ids))
+    print(f"{len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    check_flags(args)
+    if args.print_prompt:
+        return print_prompt(args)
+    model, tok = load_for(args)
+    denoise, line = choose_fast_path(model, args.kernels, not args.no_cuda_graph)
+    quiet_default = args.kernels == "torch" and model.device.type != "cuda"  # nothing to choose on a CPU
+    args.announce = None if args.quiet or quiet_default else line  # printed as generation starts
+    torch.manual_seed(args.seed)
+    if args.chat:
+        from chat import chat_loop
+        return chat_loop(model, tok, settings_for(model, max_new_tokens=args.max_new_tokens, steps=args.steps,
+                                                  entropy_bound=args.entropy_bound), args, denoise)
+    shape = sudoku.shape_of(tok)
+    if args.sudoku or (shape and args.prompt is None and not (args.batch_file or args.infill or args.template)):
+        return run_sudoku(model, tok, shape, args, denoise)
+    if args.infill is not None or args.template is not None:
+        return run_fill(model, tok, args, denoise)
+    return run_prompts(model, tok, args, denoise)
+
+
 def run(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # bad flags: argparse prints one line of usage and exits 2
+    """The command line: main, with every failure turned into one line and an exit code."""
+    args = build_parser().parse_args(argv)  # bad flags: one line, exit 2
+    device = torch.device(args.device or default_device())
     try:
         return main(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, KernelBuildError, NonFiniteLogits) as e:
+        hint = "; try --dtype float32, or the plain path (--kernels torch)" if isinstance(e, NonFiniteLogits) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 1
-    except KernelBuildError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        print(f"error: {out_of_memory_line(device, e)}", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError:
-        print(f"error: out of memory on {args.device or default_device()}: use a shorter prompt, fewer prompts, "
-              "a smaller --max-new-tokens, or a machine with more memory", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a generation (loading): nothing to show
         print("\ninterrupted", file=sys.stderr)
         return 130
 

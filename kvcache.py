@@ -4,17 +4,24 @@ Block diffusion runs one weight stack in two modes (see model.py):
   - the causal pass (prompt prefill, then each committed canvas) appends its keys and values here;
   - the denoising pass attends bidirectionally over [cache ; canvas] and never writes.
 
-Full-attention layers keep every token. Sliding-window layers keep only the last
-`sliding_window - 1` tokens after each append, exactly like transformers' DynamicSlidingWindowLayer:
-the causal pass still sees the whole concatenation it was given, and the next query can see at most
-`sliding_window - 1` older tokens plus itself.
+Full-attention layers keep every token. Sliding-window layers show only the last
+`sliding_window - 1` tokens, exactly like transformers' DynamicSlidingWindowLayer (cache_utils.py):
+a causal pass sees those plus the tokens it appends (its mask applies the window), and the next
+denoising pass sees at most `sliding_window - 1` cached tokens. A cache made with `spare=N` keeps N
+more tokens than it shows, so that its last N tokens can be taken back (`rollback`) and the layer
+still shows exactly what a cache that never held them would: a multi-turn chat re-reads only the
+part of the conversation that changed.
 
 Batches are left padded: `valid` marks which of the positions seen so far hold real tokens, so the
-attention masks can hide padding (kvcache.valid[b, p] is False for a pad at absolute position p).
+attention masks can hide padding (valid[b, p] is False for a pad at absolute position p).
 
-    cache = KVCache(config, batch_size=1)
-    k_all, v_all = cache.layers[i].append(k, v)   # causal pass
-    k_old, v_old = cache.layers[i].read()         # denoising pass
+    import torch; from kvcache import KVCache
+    cache = KVCache(["sliding_attention", "full_attention"], sliding_window=4, spare=2)
+    k = v = torch.zeros(1, 1, 6, 8)                 # (B, Hkv, T, d)
+    k_all, v_all = cache.layers[0].append(k, v)     # causal pass: what it may attend to
+    cache.length += 6
+    k_old, v_old = cache.layers[0].read()           # denoising pass: the last 3 tokens
+    cache.rollback(2)                               # forget the last 2 tokens
 """
 
 import torch
@@ -23,38 +30,56 @@ import torch
 class LayerCache:
     """Keys and values of one layer, shaped (B, n_kv_heads, T, head_dim)."""
 
-    def __init__(self, keep: int | None):
-        self.keep = keep  # None: keep everything (full layer); else the sliding layer's bound
+    def __init__(self, window: int | None, spare: int = 0):
+        self.window = window  # None: show everything (full layer); else how many tokens to show
+        self.spare = spare  # tokens kept beyond the window, for rollback
         self.k = None
         self.v = None
 
     def __len__(self) -> int:
+        """Tokens shown to the next pass."""
+        held = 0 if self.k is None else self.k.shape[2]
+        return held if self.window is None else min(held, self.window)
+
+    @property
+    def held(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
+
+    def read(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What a denoising pass attends to besides the canvas."""
+        if self.k is None or self.window is None or self.held <= self.window:
+            return self.k, self.v
+        return self.k[:, :, -self.window:], self.v[:, :, -self.window:]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add new keys/values; return everything this causal pass may attend to."""
-        if self.k is not None:
-            k = torch.cat([self.k, k], dim=2)  # (B, h, T_old + T_new, d)
-            v = torch.cat([self.v, v], dim=2)
-        if self.keep is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = k[:, :, -self.keep:], v[:, :, -self.keep:]
-        return k, v
+        k_old, v_old = self.read()
+        k_all = k if k_old is None else torch.cat([k_old, k], dim=2)  # (B, h, shown + S, d)
+        v_all = v if v_old is None else torch.cat([v_old, v], dim=2)
+        if self.window is None or self.spare == 0 or self.held <= self.window:
+            kept_k, kept_v = k_all, v_all
+        else:  # the spare tokens beyond the window stay too
+            kept_k, kept_v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        if self.window is not None:
+            kept_k, kept_v = kept_k[:, :, -(self.window + self.spare):], kept_v[:, :, -(self.window + self.spare):]
+        self.k, self.v = kept_k, kept_v
+        return k_all, v_all
 
-    def read(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.k, self.v
+    def drop_last(self, n: int) -> None:
+        if n and self.k is not None:
+            self.k, self.v = self.k[:, :, : self.held - n], self.v[:, :, : self.held - n]
 
 
 class KVCache:
     """One LayerCache per layer plus the bookkeeping shared by all of them."""
 
-    def __init__(self, layer_types: list[str], sliding_window: int, valid: torch.Tensor | None = None):
-        keep = sliding_window - 1
-        self.layers = [LayerCache(keep if t == "sliding_attention" else None) for t in layer_types]
+    def __init__(self, layer_types: list[str], sliding_window: int, valid: torch.Tensor | None = None,
+                 spare: int = 0):
+        window = sliding_window - 1
+        self.layers = [LayerCache(window if t == "sliding_attention" else None, spare) for t in layer_types]
+        self.spare = spare
         self.length = 0  # tokens written so far (the position of the next token)
-        # (B, length) bool, True for real tokens; None when nothing is padded
-        self.valid = valid
+        self.valid = valid  # (B, length) bool, True for real tokens; None when nothing is padded
 
     def extend_valid(self, new_valid: torch.Tensor | None, batch_size: int, n_new: int, device) -> None:
         """Record which of the next n_new positions are real tokens (call before the causal pass)."""
@@ -71,8 +96,18 @@ class KVCache:
         return self.valid is not None and not bool(self.valid.all())
 
     def first_cached_position(self, layer_idx: int) -> int:
-        """Absolute position of the oldest token still held by this layer."""
+        """Absolute position of the oldest token this layer shows."""
         return self.length - len(self.layers[layer_idx])
 
-    def memory_bytes(self) -> int:
-        return sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers if l.k is not None)
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens, as if they had never been appended. Sliding layers can do so
+        only while they keep n spare tokens beyond their window (the `spare` of the constructor)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} tokens")
+        for layer in self.layers:
+            if layer.window is not None and layer.held - n < min(layer.window, self.length - n):
+                raise ValueError(f"cannot roll back {n} tokens: a sliding layer keeps only {layer.spare} spare")
+            layer.drop_last(n)
+        self.length -= n
+        if self.valid is not None:
+            self.valid = self.valid[:, : self.length]

@@ -18,8 +18,11 @@ Experts, stored stacked as in the checkpoint:
 Dims legend: T tokens, D hidden, E experts, K experts per token, I expert hidden size,
 A = T*K (token, expert) assignments.
 
-    router = Router(hidden, n_experts, top_k); experts = Experts(n_experts, hidden, moe_hidden)
-    w, idx = router(h); y = experts(x, idx, w)
+    import torch; from moe import Experts, Router
+    router, experts = Router(16, num_experts=4, top_k=2), Experts(4, 16, 8)
+    torch.nn.init.normal_(experts.gate_up_proj); torch.nn.init.normal_(experts.down_proj)
+    h = torch.randn(5, 16)                           # (T, D)
+    w, idx = router(h); y = experts(h, idx, w)       # (T, K), (T, K) -> (T, D)
 """
 
 import torch
@@ -30,6 +33,7 @@ from attention import RMSNorm
 
 
 class Router(nn.Module):
+    """Picks each token's top-k experts and their weights, from the raw residual stream."""
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float = 1e-6):
         super().__init__()
         self.top_k = top_k
@@ -56,30 +60,18 @@ def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> to
 
 
 class Experts(nn.Module):
+    """The stacked experts, run grouped by expert (plain PyTorch: the specification)."""
     def __init__(self, num_experts: int, hidden_size: int, moe_intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, moe_intermediate_size))
         self.kernel = None  # a fast path: kernel(self, x, idx, weights) (cuda_kernels.use_kernels)
-        self.quant = None  # "int8" / "int4" once quantize_ swapped the stacks for quantized ones
 
-    def quantize_(self, kind: str, group_size: int) -> None:
-        """Hold the two stacks quantized (quantize.py), under the same checkpoint names."""
-        from quantize import register_quantized
-        for name in ("gate_up_proj", "down_proj"):
-            shape = tuple(getattr(self, name).shape)
-            delattr(self, name)
-            register_quantized(self, name, shape, kind, group_size)
-        self.quant = kind
-
-    def expert_weights(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up (2I, D) and down (D, I) of expert e, dequantized if they are stored quantized."""
-        if self.quant is None:
-            return self.gate_up_proj[e], self.down_proj[e]
-        from quantize import dequantize_buffers
-        return (dequantize_buffers(self, "gate_up_proj", self.quant, dtype, e),
-                dequantize_buffers(self, "down_proj", self.quant, dtype, e))
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up (2I, D) and down (D, I) of expert e: the one seam a subclass with another storage
+        (quant.QuantExperts) overrides."""
+        return self.gate_up_proj[e], self.down_proj[e]
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, D), idx (T, K), weights (T, K) fp32 -> (T, D) in x's dtype.

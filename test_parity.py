@@ -1,25 +1,25 @@
 """Parity with Hugging Face transformers 5.17.0 on tiny checkpoints that the tests build (conftest.py).
 
-(a) causal-pass and denoiser logits agree to 1e-4 in fp32; (b) the self-conditioning path agrees;
-(c) whole generations are identical token for token (3 seeds, and a left-padded batch of 2);
-(d) checkpoints move both ways: transformers -> here and here -> transformers.
+(a) causal-pass and denoiser logits agree to 1e-4 in fp32, for three layouts of the full layers
+(their own head size and KV heads; the sliding layers' ones, as transformers writes it); (b) the
+self-conditioning path agrees; (c) whole generations are identical token for token (3 seeds, a
+left-padded batch of 2, the chat format with real Gemma 4 ids); (d) checkpoints move both ways.
 """
 
 import pytest
 import torch
 
-from generate import block_diffusion, read_generation_config, settings_for
+from checkpoint import load_model, save_checkpoint
+from generate import load, settings_for
 from kvcache import KVCache
-from model import load_model, save_checkpoint
+from sampler import block_diffusion
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
 def ours(path):
-    m = load_model(path, "cpu", torch.float32)
-    m.generation_settings = read_generation_config(path, m.config.eos_token_id)
-    return m
+    return load(path, "cpu", torch.float32)[0]
 
 
 def hf_causal_and_canvas(hf, prompt, canvas, sc_logits=None):
@@ -33,9 +33,9 @@ def hf_causal_and_canvas(hf, prompt, canvas, sc_logits=None):
     return enc_logits, out.logits
 
 
-@pytest.mark.parametrize("name", ["A", "B"])
-def test_causal_and_denoiser_logits(name, ckpt_a, ckpt_b):
-    path, hf = {"A": ckpt_a, "B": ckpt_b}[name]
+@pytest.mark.parametrize("name", ["A", "B", "C"])
+def test_causal_and_denoiser_logits(name, ckpt_a, ckpt_b, ckpt_c):
+    path, hf = {"A": ckpt_a, "B": ckpt_b, "C": ckpt_c}[name]
     m = ours(path)
     C, V = m.config.canvas_length, m.config.vocab_size
     g = torch.Generator().manual_seed(3)
@@ -53,6 +53,8 @@ def test_causal_and_denoiser_logits(name, ckpt_a, ckpt_b):
     assert cache.length == 41
     if name == "A":  # sliding layers keep sliding_window - 1 tokens; full layers keep all
         assert len(cache.layers[0]) == m.config.sliding_window - 1 and len(cache.layers[5]) == 41
+    if name == "C":  # transformers wrote no sizes for the full layers: they are the sliding ones
+        assert m.layers[5].self_attn.head_dim == 16 and m.layers[5].self_attn.n_kv_heads == 2
 
 
 @pytest.mark.parametrize("name", ["A", "B"])
@@ -142,3 +144,20 @@ def test_checkpoint_written_here_loads_in_transformers(ckpt_b, tmp_path):
     again = load_model(tmp_path / "ours", "cpu", torch.float32)
     for (k, a), (_, b) in zip(m.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_chat_format_generation_identical(chat_ckpt):
+    """generate() on the chat format = transformers' generate on the same apply_chat_template ids."""
+    from generate import generate
+    model, tok = load(chat_ckpt, "cpu", torch.float32)
+    hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(chat_ckpt, dtype=torch.float32).eval()
+    ids = tok.prompt_ids("Why is the sky blue?", system="Be brief.", thinking=True)
+    assert ids[:5] == [2, 105, 9731, 107, 98]  # <bos><|turn>system\n<|think|>
+    settings = settings_for(model, max_new_tokens=16, steps=6)
+    torch.manual_seed(3)
+    result = block_diffusion(model, [ids], settings)
+    ref = hf_generate(hf, [ids], 16, 3, max_denoising_steps=6)
+    assert torch.equal(result.sequences, ref)
+    torch.manual_seed(3)
+    text = generate(model, tok, "Why is the sky blue?", system="Be brief.", thinking=True, max_new_tokens=16, steps=6)
+    assert text == tok.decode(tok.split_thought(result.tokens[0]).answer)

@@ -1,5 +1,6 @@
 """Training: the block-causal mask by hand, a step lowers the loss, a micro model overfits one batch,
-and a model trained by train.py is written, loaded by generate.py and by transformers, and generates."""
+saves survive a kill, and a model trained by train.py is written, loaded by generate.py and by
+transformers, and generates."""
 
 import subprocess
 import sys
@@ -35,10 +36,14 @@ def test_block_causal_mask_by_hand():
     assert w[5][:6] == [0, 0, 0, 1, 1, 1]  # clean 5 sees 3..5
     assert w[8][:6] == [0, 0, 1, 1, 0, 0]  # block 1 starts at 4: clean keys 2..3 (anchored at the block)
     assert w[6][:6] == [1, 1, 0, 0, 0, 0]
+    # without the AR loss the last clean block is left out: its rows and columns go, nothing else moves
+    short = train.training_mask(prefix=2, n_blocks=2, C=2, window=None, clean_blocks=1).int().tolist()
+    keep = [0, 1, 2, 3, 6, 7, 8, 9]
+    assert short == [[expected[r][c] for c in keep] for r in keep]
 
 
 def tiny_model(seed=0):
-    cfg = DiffusionGemmaConfig(**dict(train.TINY, vocab_size=64))
+    cfg = DiffusionGemmaConfig.from_name("tiny", vocab_size=64)
     torch.manual_seed(seed)
     return init_weights(DiffusionGemma(cfg), std=0.05, seed=seed).train().requires_grad_(True)
 
@@ -101,8 +106,14 @@ def test_train_save_load_generate_round_trip(tmp_path):
     assert "heldout@0.5" in (out / "log.txt").read_text()
     run("train.py", "--preset", "tiny", "--max-files", "3", "--out", out, "--steps", "5", "--batch", "2",
         "--prefix", "16")  # resumes at step 3
-    assert "step 5 " in (out / "log.txt").read_text().splitlines()[-1]
+    import json
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 3, 5] and log[-1]["tokens"] == 5 * 2 * (16 + 2 * 8)
     run("train.py", "--preset", "tiny", "--out", out, "--export", ckpt)
+    again = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--out", out, "--export", ckpt], cwd=HERE,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--force" in again.stderr  # an existing directory is never overwritten
+    run("train.py", "--preset", "tiny", "--out", out, "--export", ckpt, "--force")
     for f in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors", "manifest.txt"):
         assert (ckpt / f).exists(), f
     p = run("generate.py", "--model", ckpt, "--max-new-tokens", "12", "--steps", "3", "def f(x):")
@@ -120,3 +131,42 @@ def test_train_save_load_generate_round_trip(tmp_path):
         ours.forward_causal(prompt, cache)
         got = ours.forward_canvas(canvas, cache)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_a_kill_mid_save_keeps_the_previous_state(tmp_path, monkeypatch):
+    """A save killed while writing (or before its rename) leaves the last complete state, and
+    training resumes from it."""
+    path = tmp_path / "state.pt"
+    train.save_state(path, {"step": 1})
+    real_save = torch.save
+
+    def killed_while_writing(obj, f):
+        real_save({"step": "half"}, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_state(path, {"step": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["step"] == 1
+    train.save_state(path, {"step": 3})
+    assert torch.load(path)["step"] == 3
+
+
+def test_resumes_after_a_kill(tmp_path):
+    """SIGKILL a run at a chosen point (just after a save), then run again: it continues from there."""
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", "--preset", "tiny", "--max-files", "3", "--out", str(out), "--batch", "2",
+            "--prefix", "16", "--eval-every", "2", "--quiet"]
+    code = ("import os, signal, runpy, sys, train; real = train.save_state\n"
+            "def save(path, state):\n    real(path, state)\n"
+            "    if state['step'] == 4: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "train.save_state = save; sys.argv = ['train.py'] + sys.argv[1:]; sys.exit(train.main(train.build_parser().parse_args()))")
+    p = subprocess.run([sys.executable, "-c", code, *args[2:], "--steps", "8"], cwd=HERE, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -9  # killed
+    assert torch.load(out / "state.pt")["step"] == 4
+    run(*args[1:], "--steps", "6")
+    assert torch.load(out / "state.pt")["step"] == 6

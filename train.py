@@ -1,121 +1,65 @@
-"""Train a DiffusionGemma of any size with the block-diffusion recipe (SPEC §4, training).
+"""Train a DiffusionGemma of any size with the block-diffusion recipe.
 
 The recipe (NVIDIA NeMo Automodel's DiffusionGemma training, as published):
   - a sequence is [prefix ; response], the response cut into canvas-sized blocks;
   - per block a noise level t ~ U(eps, 1); each response token becomes a uniformly random token
     with probability t (uniform-state noise: no [MASK] token);
-  - one weight stack runs twice: a clean causal pass over the whole sequence builds each layer's
-    K/V, and a pass over the noised blocks attends to [clean prefix ; its own block] with the
-    block-causal mask (block i sees the prompt and the clean blocks before i, and itself
-    bidirectionally; sliding layers also keep a window anchored at the block);
+  - one weight stack runs twice: a clean causal pass builds each layer's K/V, and a pass over the
+    noised blocks attends to [clean prefix ; its own block] with the block-causal mask (block i
+    sees the prompt and the clean blocks before i, and itself bidirectionally; sliding layers also
+    keep a window anchored at the block);
   - loss: flat cross-entropy of the noised pass against the clean tokens, plus (optional) the
     autoregressive next-token loss of the clean pass;
-  - self-conditioning, for half of the examples: a first pass without gradient and with zero
+  - self-conditioning, for a share of the examples: a first pass without gradient and with zero
     self-conditioning, then the real pass conditioned on its softmax.
 Both passes run as one sequence [clean ; noised] with one mask, which is exactly two passes over
-one stack: clean queries never see noised keys.
+one stack: clean queries never see noised keys. Without the AR loss the last clean block is not
+needed (no noised block sees it) and is left out; the first self-conditioning pass runs only on the
+rows that use it, and its logits only on the noised positions.
 
-The default run trains the small model bundled under weights/ on the Python standard library.
+Two tasks: `code`, the Python standard library (data.py, the bundled code model), and `sudoku`,
+solved grids as one canvas each (sudoku.py, the bundled Sudoku solver).
 
-    python train.py --out runs/small --minutes 30          # resumable: run again to continue
-    python train.py --out runs/small --export weights      # write the checkpoint layout
+    python train.py --out runs/small --minutes 30                   # resumable: run again to continue
+    python train.py --out runs/small --export weights-code --force  # write the checkpoint layout
+    python train.py --task sudoku --grid 6 --out runs/sudoku6 --minutes 120
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import random
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kvcache import KVCache
-from model import DiffusionGemma, DiffusionGemmaConfig, init_weights, save_checkpoint
-
-PAD, EOS, BOS, UNK = 0, 1, 2, 3
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # at ids 0..3, as the config names them
-
-SMALL = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=64, num_global_key_value_heads=1, global_head_dim=128, intermediate_size=512,
-             num_experts=8, top_k_experts=2, moe_intermediate_size=128, sliding_window=64,
-             max_position_embeddings=4096, canvas_length=32, eos_token_id=[EOS], dtype="float32",
-             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                              "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                                 "rope_theta": 1000000.0}})
-# a micro model with the same features, for tests of the training loop
-TINY = dict(SMALL, vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
-            global_head_dim=32, intermediate_size=48, num_experts=4, moe_intermediate_size=16,
-            sliding_window=16, canvas_length=8, layer_types=["sliding_attention", "full_attention"])
-PRESETS = {"small": SMALL, "tiny": TINY}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: the Python standard library of this machine
-# ---------------------------------------------------------------------------------------------
-
-def stdlib_files() -> list[Path]:
-    """The standard library's .py files, tests excluded, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
-    files = [p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & skip)
-             and not p.name.startswith("test_")]
-    return sorted(files, key=lambda p: str(p.relative_to(root)))
-
-
-def write_manifest(files: list[Path], path: Path) -> None:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    lines = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(root)}" for f in files]
-    path.write_text(f"# Python {sys.version.split()[0]} standard library, {len(files)} files\n" + "\n".join(lines) + "\n")
-
-
-def is_held_out(f: Path) -> bool:
-    """About 5% of the files, chosen by name, never trained on."""
-    return hashlib.sha256(f.name.encode()).digest()[0] < 13
-
-
-def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer)
-    tok.save(str(out))
-    return tok
-
-
-def encode_corpus(tok, files: list[Path]) -> torch.Tensor:
-    """All files as one stream of token ids, each file followed by <eos>."""
-    ids = []
-    for enc in tok.encode_batch([f.read_text(encoding="utf-8", errors="replace") for f in files],
-                                add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(EOS)
-    return torch.tensor(ids, dtype=torch.int32)
+import data
+import sudoku
+from checkpoint import save_checkpoint
+from hfconfig import generation_settings
+from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
+from terminal import Parser
 
 
 # ---------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------
 
-def training_mask(prefix: int, n_blocks: int, C: int, window: int | None) -> torch.Tensor:
-    """(Q, K) bool mask over the sequence [clean (L tokens) ; noised (L - prefix tokens)], Q = K = 2L - prefix.
+def training_mask(prefix: int, n_blocks: int, C: int, window: int | None, clean_blocks: int | None = None):
+    """(Q, K) bool mask over [clean (prefix + clean_blocks*C tokens) ; noised (n_blocks*C tokens)].
 
     clean query q (position q) sees clean keys p <= q (and p > q - window on sliding layers);
     noised query in block i (position q) sees clean keys p < prefix + i*C and noised keys of block i;
     on sliding layers clean keys must also satisfy p > prefix + i*C - window (anchored at the block).
+    clean_blocks (default n_blocks) may be n_blocks - 1: the last block's clean tokens are only
+    needed by the AR loss.
     """
-    L = prefix + n_blocks * C
+    L = prefix + (n_blocks if clean_blocks is None else clean_blocks) * C
     pos_clean = torch.arange(L)
-    pos_noised = torch.arange(prefix, L)
-    blk = (pos_noised - prefix) // C  # block of each noised token
+    blk = torch.arange(n_blocks * C) // C  # block of each noised token
     cc = pos_clean[None, :] <= pos_clean[:, None]  # clean -> clean
     start = prefix + blk * C  # first position of each noised query's block
     nc = pos_clean[None, :] < start[:, None]  # noised -> clean: strictly before its block
@@ -123,197 +67,262 @@ def training_mask(prefix: int, n_blocks: int, C: int, window: int | None) -> tor
     if window is not None:
         cc &= pos_clean[None, :] > pos_clean[:, None] - window
         nc &= pos_clean[None, :] > start[:, None] - window
-    top = torch.cat([cc, torch.zeros(L, L - prefix, dtype=torch.bool)], dim=1)
+    top = torch.cat([cc, torch.zeros(L, n_blocks * C, dtype=torch.bool)], dim=1)
     bottom = torch.cat([nc, nn_], dim=1)
     return torch.cat([top, bottom], dim=0)
 
 
-def noise_blocks(response: torch.Tensor, C: int, vocab: int, eps: float, g: torch.Generator):
-    """Per block t ~ U(eps, 1); each token becomes a uniform random token with probability t."""
+def noise_blocks(response: torch.Tensor, C: int, vocab: int, g: torch.Generator, eps: float = 1e-3,
+                 t: float | None = None) -> torch.Tensor:
+    """Each token becomes a uniformly random token with probability t: per block t ~ U(eps, 1), or
+    the fixed t given (held-out evaluation)."""
     B, N = response.shape
-    t = eps + (1 - eps) * torch.rand(B, N // C, 1, generator=g)
-    t = t.expand(B, N // C, C).reshape(B, N)
-    flip = torch.rand(B, N, generator=g) < t
-    rnd = torch.randint(0, vocab, (B, N), generator=g)
-    return torch.where(flip, rnd, response), flip
+    if t is None:
+        level = eps + (1 - eps) * torch.rand(B, N // C, 1, generator=g)
+        level = level.expand(B, N // C, C).reshape(B, N)
+    else:
+        level = torch.full((B, N), t)
+    flip = torch.rand(B, N, generator=g) < level
+    return torch.where(flip, torch.randint(0, vocab, (B, N), generator=g), response)
 
 
 def forward_train(model: DiffusionGemma, clean: torch.Tensor, noised: torch.Tensor, prefix: int,
-                  sc_logits: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None):
-    """Both passes as one sequence. clean (B, L), noised (B, L - prefix). Returns the clean pass's
-    logits (B, L, V) and the noised pass's (B, L - prefix, V)."""
+                  soft: torch.Tensor | None = None, clean_logits: bool = True):
+    """Both passes as one sequence. clean (B, Lc), noised (B, N) with N a whole number of canvases;
+    soft (B, N, D): the self-conditioning soft embeddings (None: zero). Returns the clean pass's
+    logits (B, Lc, V) (None unless clean_logits) and the noised pass's (B, N, V)."""
     c = model.config
-    B, L = clean.shape
-    n_blocks = (L - prefix) // c.canvas_length
-    e_clean = model.embed(clean)
+    B, Lc = clean.shape
+    N = noised.shape[1]
+    n_blocks, clean_blocks = N // c.canvas_length, (Lc - prefix) // c.canvas_length
     e_noised = model.embed(noised)
-    soft = torch.zeros_like(e_noised)
-    if sc_logits is not None:
-        soft = model.soft_embed(sc_logits)
-        if sc_mask is not None:
-            soft = soft * sc_mask.to(soft.dtype)[:, None, None]
-    h = torch.cat([e_clean, model.self_conditioning(e_noised, soft)], dim=1)  # (B, 2L - prefix, D)
-    positions = torch.cat([torch.arange(L), torch.arange(prefix, L)]).to(clean.device)[None]
-    masks = {}
-    for kind in set(c.layer_types):
-        window = c.sliding_window if kind == "sliding_attention" else None
-        masks[kind] = training_mask(prefix, n_blocks, c.canvas_length, window).to(clean.device)[None, None]
-    cache = KVCache(c.layer_types, 10 ** 9)  # a throwaway cache: nothing is kept between calls
-    h = model.run_layers(h, positions, cache, [masks[t] for t in c.layer_types], "causal")
-    logits = model.logits(model.norm(h))
-    return logits[:, :L], logits[:, L:]
+    soft = torch.zeros_like(e_noised) if soft is None else soft
+    h = torch.cat([model.embed(clean), model.self_conditioning(e_noised, soft)], dim=1)  # (B, Lc + N, D)
+    positions = torch.cat([torch.arange(Lc), torch.arange(prefix, prefix + N)]).to(clean.device)[None]
+    masks = {kind: training_mask(prefix, n_blocks, c.canvas_length,
+                                 c.sliding_window if kind == "sliding_attention" else None,
+                                 clean_blocks).to(clean.device)[None, None]
+             for kind in set(c.layer_types)}
+    h = model.norm(model.run_layers(h, positions, None, [masks[t] for t in c.layer_types], "causal"))
+    return (model.logits(h[:, :Lc]) if clean_logits else None), model.logits(h[:, Lc:])
 
 
-def loss_fn(model, batch: torch.Tensor, prefix: int, g: torch.Generator, ar_weight: float, sc_prob: float,
-            eps: float = 1e-3):
+def loss_fn(model, batch: torch.Tensor, prefix: int, g: torch.Generator, ar_weight: float, sc_prob: float):
+    """(loss, diffusion loss, AR loss) of a batch (B, prefix + blocks * canvas_length)."""
     c = model.config
     response = batch[:, prefix:]
-    noised, _ = noise_blocks(response.cpu(), c.canvas_length, c.vocab_size, eps, g)
-    noised = noised.to(batch.device)
-    sc_logits = sc_mask = None
-    if sc_prob > 0:
-        sc_mask = (torch.rand(batch.shape[0], generator=g) < sc_prob).to(batch.device)
-        if sc_mask.any():
-            with torch.no_grad():  # pass 1: no gradient, no self-conditioning
-                _, first = forward_train(model, batch, noised, prefix)
-            sc_logits = first.detach()
-    clean_logits, logits = forward_train(model, batch, noised, prefix, sc_logits, sc_mask)
+    noised = noise_blocks(response.cpu(), c.canvas_length, c.vocab_size, g).to(batch.device)
+    clean = batch if ar_weight > 0 else batch[:, : batch.shape[1] - c.canvas_length]
+    soft = None
+    rows = (torch.rand(batch.shape[0], generator=g) < sc_prob).nonzero().flatten().to(batch.device)
+    if len(rows):
+        with torch.no_grad():  # pass 1, on the rows that use it: no gradient, no self-conditioning
+            _, first = forward_train(model, clean[rows], noised[rows], prefix, clean_logits=False)
+            sc = model.soft_embed(first)  # (rows, N, D)
+            soft = torch.zeros(*noised.shape, c.hidden_size, dtype=sc.dtype, device=batch.device).index_copy(0, rows, sc)
+    clean_logits, logits = forward_train(model, clean, noised, prefix, soft, clean_logits=ar_weight > 0)
     diff = F.cross_entropy(logits.reshape(-1, c.vocab_size).float(), response.reshape(-1))
-    ar = F.cross_entropy(clean_logits[:, :-1].reshape(-1, c.vocab_size).float(), batch[:, 1:].reshape(-1))
+    ar = torch.zeros((), device=batch.device)
+    if ar_weight > 0:
+        ar = F.cross_entropy(clean_logits[:, :-1].reshape(-1, c.vocab_size).float(), batch[:, 1:].reshape(-1))
     return diff + ar_weight * ar, diff.detach(), ar.detach()
 
 
 @torch.no_grad()
-def heldout_loss(model, data: torch.Tensor, prefix: int, L: int, t: float, n: int = 16, seed: int = 0) -> float:
-    """Cross-entropy per token of the noised pass at a fixed noise level t, on held-out windows."""
+def heldout_loss(model, batch: torch.Tensor, prefix: int, t: float, seed: int = 0) -> float:
+    """Cross-entropy per token of the noised pass at a fixed noise level t."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(data) - L, (n,), generator=g)
-    batch = torch.stack([data[s: s + L] for s in starts]).long().to(next(model.parameters()).device)
-    response = batch[:, prefix:].cpu()
-    flip = torch.rand(response.shape, generator=g) < t
-    noised = torch.where(flip, torch.randint(0, c.vocab_size, response.shape, generator=g), response)
-    _, logits = forward_train(model, batch, noised.to(batch.device), prefix)
+    noised = noise_blocks(batch[:, prefix:].cpu(), c.canvas_length, c.vocab_size, g, t=t).to(batch.device)
+    _, logits = forward_train(model, batch[:, : batch.shape[1] - c.canvas_length], noised, prefix, clean_logits=False)
     return F.cross_entropy(logits.reshape(-1, c.vocab_size).float(), batch[:, prefix:].reshape(-1)).item()
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-# a small, weakly trained model is rarely sure of any token: a larger entropy budget lets each step
-# keep several tokens (measured on the infill eval: 0.1 -> 4.0%, 3 -> 4.7%, 10 -> 5.5% exact tokens)
-GENERATION_CONFIG = {"max_new_tokens": 64, "max_denoising_steps": 32,
-                     "sampler_config": {"entropy_bound": 10.0, "_cls_name": "EntropyBoundSamplerConfig"},
-                     "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
-                     "eos_token_id": [EOS], "pad_token_id": PAD}
+# ---------------------------------------------------------------------------------------------
+# Tasks: what a batch is, how a run is judged, what an exported checkpoint carries
+# ---------------------------------------------------------------------------------------------
+
+class CodeTask:
+    """Windows of the standard library: a clean prefix, then `blocks` noised canvases."""
+    # a small, weakly trained model is rarely sure of any token: a larger entropy budget lets each step
+    # keep several tokens (measured on the infill eval: 0.1 -> 4.0%, 3 -> 4.7%, 10 -> 5.5% exact tokens)
+    generation_config = {"max_new_tokens": 64, "max_denoising_steps": 32,
+                         "sampler_config": {"entropy_bound": 10.0, "_cls_name": "EntropyBoundSamplerConfig"},
+                         "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
+                         "eos_token_id": [data.EOS], "pad_token_id": data.PAD}
+
+    def __init__(self, args, config: DiffusionGemmaConfig, out: Path):
+        self.prefix, self.length = args.prefix, args.prefix + args.blocks * config.canvas_length
+        self.corpus = data.prepare(out, config.vocab_size, args.max_files)
+        self.files = [out / "tokenizer.json", out / "manifest.txt"]
+
+    def batch(self, g: torch.Generator, size: int) -> torch.Tensor:
+        train = self.corpus["train"]
+        starts = torch.randint(0, len(train) - self.length, (size,), generator=g)
+        return torch.stack([train[s: s + self.length] for s in starts]).long()
+
+    def evaluate(self, model) -> dict:
+        held = self.corpus["heldout"]
+        starts = torch.randint(0, len(held) - self.length, (16,), generator=torch.Generator().manual_seed(0))
+        batch = torch.stack([held[s: s + self.length] for s in starts]).long().to(model.device)
+        return {"heldout@0.5": heldout_loss(model, batch, self.prefix, 0.5)}
 
 
-def prepare(out: Path, vocab_size: int, max_files: int | None = None):
-    """Tokenizer, manifest and the encoded corpus, made once per run directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = stdlib_files()
-    if max_files:
-        train_files = [f for f in files if not is_held_out(f)][:max_files]
-        files = train_files + [f for f in files if is_held_out(f)][:max(1, max_files // 4)]
-    if not (out / "tokenizer.json").exists():
-        write_manifest(files, out / "manifest.txt")
-        train_tokenizer([f for f in files if not is_held_out(f)], vocab_size, out / "tokenizer.json")
-    if not (out / "data.pt").exists():
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-        torch.save({"train": encode_corpus(tok, [f for f in files if not is_held_out(f)]),
-                    "heldout": encode_corpus(tok, [f for f in files if is_held_out(f)])}, out / "data.pt")
-    return torch.load(out / "data.pt")
+class SudokuTask:
+    """Solved grids: <bos>, then one canvas of one token per cell."""
+    prefix = 1
+
+    def __init__(self, args, config: DiffusionGemmaConfig, out: Path):
+        self.shape = sudoku.SHAPES[args.grid]
+        self.pool = sudoku.base_pool(self.shape, args.pool, seed=args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        sudoku.write_tokenizer(self.shape, out / "tokenizer.json")
+        self.files = [out / "tokenizer.json"]
+        self.puzzles = sudoku.eval_puzzles(self.shape, 100, sudoku.EASY[self.shape.n], seed=sudoku.VALIDATION_SEED)
+        self.generation_config = sudoku.generation_config(self.shape)
+        self.settings = generation_settings(self.generation_config, config.eos_token_id)
+
+    def batch(self, g: torch.Generator, size: int) -> torch.Tensor:
+        grids = sudoku.to_tokens(sudoku.augmented(self.pool, self.shape, size, g), self.shape)
+        return torch.cat([torch.full((size, 1), data.BOS), grids], dim=1)
+
+    def evaluate(self, model) -> dict:
+        return {"solved@1": sudoku.solve_rate(model, self.puzzles, self.shape, self.settings, samples=1)}
 
 
-def main(a) -> int:
-    out = Path(a.out)
-    cfg = DiffusionGemmaConfig(**PRESETS[a.preset])
-    data = prepare(out, cfg.vocab_size, a.max_files)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(a.seed)
-    model = init_weights(DiffusionGemma(cfg), seed=a.seed).to(device)
-    model.inv_freq = {k: v.to(device) for k, v in model.inv_freq.items()}
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def save_state(path: Path, state: dict) -> None:
+    """torch.save under a temporary name, then an atomic rename: a kill mid-save leaves the
+    previous state intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export(model, task, out: Path, dtype: str, force: bool) -> None:
+    """Write the model as a checkpoint directory in `dtype` (it stays in that dtype)."""
+    model.config.dtype = dtype
+    model.to(getattr(torch, dtype))
+    save_checkpoint(model, out, generation_config=task.generation_config, extra_files=task.files, force=force)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.task == "code":
+        config = DiffusionGemmaConfig.from_name(args.preset or "small")
+    else:  # one canvas is one grid, whatever the size of the network
+        shape = sudoku.SHAPES[args.grid]
+        config = DiffusionGemmaConfig.from_name(args.preset or f"sudoku-{args.grid}", vocab_size=shape.vocab_size,
+                                                canvas_length=shape.cells, max_position_embeddings=2 * shape.cells + 8)
+    task = (CodeTask if args.task == "code" else SudokuTask)(args, config, out)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model = init_weights(DiffusionGemma(config).to(device), seed=args.seed)
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     state_path = out / "state.pt"
-    step, tokens, elapsed = 0, 0, 0.0
+    step, seen, elapsed = 0, 0, 0.0
     if state_path.exists():  # resume
         st = torch.load(state_path, map_location=device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
-    if a.export:
-        model.config.dtype = a.export_dtype
-        model.to(getattr(torch, a.export_dtype))
-        save_checkpoint(model, a.export, generation_config=GENERATION_CONFIG)
-        import shutil
-        for f in ("tokenizer.json", "manifest.txt"):
-            shutil.copy(out / f, Path(a.export) / f)
-        print(f"wrote {a.export} (step {step}, {tokens / 1e6:.2f}M tokens, {elapsed / 60:.1f} min)")
+        step, seen, elapsed = st["step"], st["tokens"], st["elapsed"]
+    if args.export:
+        try:
+            export(model, task, Path(args.export), args.export_dtype, args.force)
+        except FileExistsError:
+            print(f"error: {args.export} already exists: choose another directory, or --force to replace it",
+                  file=sys.stderr)
+            return 2
+        print(f"wrote {args.export} (step {step}, {seen / 1e6:.2f}M tokens, {elapsed / 60:.1f} min)")
         return 0
-    L = a.prefix + a.blocks * cfg.canvas_length
-    train_data = data["train"]
-    g = torch.Generator().manual_seed(a.seed + step)
+    g = torch.Generator().manual_seed(args.seed + step)
     from tqdm import tqdm
-    bar = tqdm(total=a.steps, initial=step, file=sys.stderr, dynamic_ncols=True)
-    t_start, deadline = time.time(), time.time() + a.minutes * 60
-    log = open(out / "log.txt", "a")
-    while step < a.steps and time.time() < deadline:
-        starts = torch.randint(0, len(train_data) - L, (a.batch,), generator=g)
-        batch = torch.stack([train_data[s: s + L] for s in starts]).long().to(device)
+    bar = tqdm(total=args.steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=args.quiet)
+    t_start, deadline = time.time(), time.time() + args.minutes * 60
+    last_snapshot = time.time()
+
+    def checkpoint(final=False):
+        nonlocal last_snapshot
+        model.eval()
+        metrics = task.evaluate(model)
+        model.train()
+        now = elapsed + time.time() - t_start
+        line = {"step": step, "tokens": seen, "minutes": round(now / 60, 2), "tokens_per_s": round(seen / max(now, 1e-9)),
+                "diffusion": round(diff.item(), 4), "ar": round(ar.item(), 4), **metrics}
+        with open(out / "log.txt", "a") as log:
+            log.write(json.dumps(line) + "\n")
+        save_state(state_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens": seen,
+                                "elapsed": now})
+        if args.snapshot and (final or time.time() - last_snapshot >= args.snapshot_seconds):
+            snap = dict(model.state_dict())
+            export(model, task, Path(args.snapshot), args.export_dtype, force=True)
+            model.to(torch.float32).load_state_dict(snap)  # back to training precision
+            model.config.dtype = "float32"
+            (Path(args.snapshot).parent / "eval.json").write_text(json.dumps(line, indent=2) + "\n")
+            last_snapshot = time.time()
+
+    diff = ar = torch.zeros(())
+    while step < args.steps and time.time() < deadline:
+        batch = task.batch(g, args.batch).to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, a.steps, a.warmup, a.lr)
+            group["lr"] = lr_at(step, args.steps, args.warmup, args.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, diff, ar = loss_fn(model, batch, a.prefix, g, a.ar_weight, a.sc_prob)
+            loss, diff, ar = loss_fn(model, batch, task.prefix, g, args.ar_weight, args.sc_prob)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        tokens += batch.numel()
-        now = time.time()
-        bar.set_postfix(loss=f"{diff.item():.3f}", ar=f"{ar.item():.3f}",
-                        tok_s=f"{tokens / max(elapsed + now - t_start, 1e-9):.0f}")
+        seen += batch.numel()
+        bar.set_postfix(loss=f"{diff.item():.3f}", tok_s=f"{seen / max(elapsed + time.time() - t_start, 1e-9):.0f}")
         bar.update(1)
-        if step % a.eval_every == 0 or step == a.steps or now >= deadline:
-            model.eval()
-            ev = heldout_loss(model, data["heldout"], a.prefix, L, 0.5)
-            model.train()
-            print(f"step {step} tokens {tokens} diffusion {diff.item():.4f} ar {ar.item():.4f} "
-                  f"heldout@0.5 {ev:.4f} minutes {(elapsed + now - t_start) / 60:.1f}", file=log, flush=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens": tokens,
-                        "elapsed": elapsed + time.time() - t_start}, state_path)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens": tokens,
-                "elapsed": elapsed + time.time() - t_start}, state_path)
+        if step % args.eval_every == 0 and step < args.steps:
+            checkpoint()
+    checkpoint(final=True)
     bar.close()
     return 0
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="Train DiffusionGemma (the small bundled model by default).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (tiny: for tests)")
-    p.add_argument("--max-files", type=int, help="train on only the first N standard-library files (tests)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of train.py."""
+    p = Parser(description="Train DiffusionGemma (the small bundled models by default).")
+    p.add_argument("--task", choices=["code", "sudoku"], default="code", help="what to train on (default code)")
+    p.add_argument("--grid", type=int, choices=[6, 9], default=9, help="sudoku: 6 (2x3 boxes) or 9 (3x3)")
+    p.add_argument("--preset", help="model size from model.CONFIGS (default: small, or sudoku-GRID)")
+    p.add_argument("--max-files", type=int, help="code: train on only the first N standard-library files (tests)")
+    p.add_argument("--pool", type=int, default=20000, help="sudoku: base grids before symmetries (default 20000)")
     p.add_argument("--out", default="runs/small", help="run directory (tokenizer, data, resumable state, log)")
     p.add_argument("--steps", type=int, default=3000, help="total optimizer steps (sets the cosine schedule)")
     p.add_argument("--minutes", type=float, default=1e9, help="stop after this many minutes (resume later)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--prefix", type=int, default=64, help="clean prefix tokens before the noised blocks")
-    p.add_argument("--blocks", type=int, default=2, help="noised canvas-sized blocks per sequence")
+    p.add_argument("--prefix", type=int, default=64, help="code: clean prefix tokens before the noised blocks")
+    p.add_argument("--blocks", type=int, default=2, help="code: noised canvas-sized blocks per sequence")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="warmup steps")
     p.add_argument("--ar-weight", type=float, default=0.5, help="weight of the autoregressive loss (0: off)")
     p.add_argument("--sc-prob", type=float, default=0.5, help="share of examples trained with self-conditioning")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation and checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluation and saved state every N steps")
+    p.add_argument("--snapshot", help="also export the checkpoint to this directory, at most every --snapshot-seconds")
+    p.add_argument("--snapshot-seconds", type=float, default=60, help="seconds between snapshots (default 60)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--export", help="write the trained model as a checkpoint directory and exit")
     p.add_argument("--export-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of the exported weights (default bfloat16: half the size)")
+    p.add_argument("--force", action="store_true", help="with --export: replace the directory if it exists")
     return p
 
 

@@ -6,20 +6,24 @@
 
 The kernels are built on first use with torch.utils.cpp_extension.load and cached (by default under
 ~/.cache/torch_extensions); Hopper gets sm_90a, other GPUs their own architecture. They have the
-same signatures as the plain PyTorch functions they replace (moe.Experts.forward, attention.attend
-for the canvas) and are tested against them (test_kernels.py).
+same signatures as the plain PyTorch functions they replace (moe.Experts.forward and
+attention.canvas_attention) and are tested against them (test_kernels.py).
 
-    from cuda_kernels import use_kernels
-    print(use_kernels(model, "auto"))    # "kernels: cuda ✓ (NVIDIA H100 ...)" or "kernels: torch (no CUDA device)"
+    from cuda_kernels import use_kernels; from generate import load
+    model, _ = load("weights-code", device="cpu")
+    print(use_kernels(model, "auto"))    # "kernels: cuda ✓ (NVIDIA H200)" or "kernels: torch (no CUDA device (cpu))"
 
 A failed build on a GPU machine is an error with the compiler's message, never a silent fallback.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from attention import canvas_attention as plain_canvas_attention
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu"]
@@ -36,48 +40,56 @@ def arch_for(capability: tuple[int, int]) -> str:
     return "9.0a" if (major, minor) == (9, 0) else f"{major}.{minor}"
 
 
-def build(arch: str | None = None, verbose: bool = False):
-    """Compile (or load the cached build of) the extension. arch: e.g. "9.0a"; default: the current device's."""
+def cuda_home() -> str | None:
+    """The CUDA toolkit that the nvcc on PATH belongs to, as nvcc itself reports it (an nvcc that is a
+    wrapper script elsewhere would otherwise point torch's build at the wrong lib directory)."""
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=30).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = next((ln.split("=", 1)[1].strip() for ln in dry.splitlines() if ln.startswith("#$ TOP=")), None)
+    return os.path.realpath(top) if top else None
+
+
+def build(arch: str | None = None, verbose: bool = False, build_directory: str | None = None):
+    """Compile (or load the cached build of) the extension. arch: e.g. "9.0a"; default: the current
+    device's. The one build recipe: compile_only uses it too."""
     global _ext
-    if _ext is not None:
+    if _ext is not None and build_directory is None:
         return _ext
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and cuda_home():
+        os.environ["CUDA_HOME"] = cuda_home()  # before cpp_extension reads it: where libcudart is
     from torch.utils.cpp_extension import load
     if arch is None:
         arch = arch_for(torch.cuda.get_device_capability())
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # read by cpp_extension for the -gencode flags
     try:
-        _ext = load(name=f"diffusiongemma_kernels_{arch.replace('.', '')}", sources=[str(s) for s in SOURCES],
-                    extra_cuda_cflags=["-O3", "-lineinfo"], extra_cflags=["-O3"], verbose=verbose)
+        ext = load(name=f"diffusiongemma_kernels_{arch.replace('.', '')}", sources=[str(s) for s in SOURCES],
+                   extra_cuda_cflags=["-O3", "-lineinfo"], extra_cflags=["-O3"], verbose=verbose,
+                   build_directory=build_directory)
     except Exception as e:  # the compiler's own message, whole
         raise KernelBuildError(f"building cuda_kernels for {arch} failed:\n{e}") from None
-    return _ext
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    if build_directory is None:
+        _ext = ext
+    return ext
 
 
-def compile_only(arch: str = "9.0a", out_dir: str | None = None) -> list[Path]:
-    """Compile each .cu to an object file with nvcc (no GPU, no CUDA runtime needed): the check that
-    the kernels build, for machines without a GPU. Returns the object files."""
-    import subprocess
-    import sysconfig
+def compile_only(arch: str = "9.0a", out_dir: str | None = None):
+    """Build the extension for `arch` into out_dir without a GPU (nvcc and a CUDA build of torch are
+    enough): the check that the kernels compile and link, on machines with no GPU."""
     import tempfile
-    from torch.utils.cpp_extension import include_paths
-    out = Path(out_dir or tempfile.mkdtemp(prefix="cuda_kernels_"))
-    code = arch.replace(".", "")
-    incs = [f"-I{p}" for p in include_paths("cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
-    objects = []
-    for src in SOURCES:
-        if src.suffix != ".cu":
-            continue
-        obj = out / (src.stem + ".o")
-        cmd = ["nvcc", "-c", str(src), "-o", str(obj), "-std=c++20", "-O3", "--expt-relaxed-constexpr",
-               f"-gencode=arch=compute_{code},code=sm_{code}", "-Xcompiler", "-fPIC",
-               "-DTORCH_EXTENSION_NAME=diffusiongemma_kernels", "-DTORCH_API_INCLUDE_EXTENSION_H",
-               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", *incs]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise KernelBuildError(f"nvcc failed on {src.name} for sm_{code}:\n{p.stderr}")
-        objects.append(obj)
-    return objects
+    return build(arch, build_directory=str(out_dir or tempfile.mkdtemp(prefix="cuda_kernels_")))
 
 
 # ---- the fast paths, with the signatures of the plain ones ------------------------------------
@@ -90,9 +102,11 @@ def experts_forward(experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.
     weights (T, K) fp32 -> (T, D) bf16.
 
     Sorting by expert happens here with torch ops that never wait for the host, so a CUDA graph can
-    capture it."""
+    capture it. The kernel writes one fp32 row per assignment; the sum over the top-k slots is done
+    here in slot order, so the result is the same bits every run (no atomics)."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
     E, K = gate_up.shape[0], idx.shape[1]
+    T = x.shape[0]
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
@@ -101,13 +115,14 @@ def experts_forward(experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.
     sorted_token = torch.div(order, K, rounding_mode="floor").int()
     sorted_weight = weights.reshape(-1)[order].float()
     none = torch.empty(0, device=x.device)
-    q = experts.quant
+    q = getattr(experts, "kind", None)  # quant.QuantExperts: "int8" / "int4"
     scales = [getattr(experts, n + "_scale", none) for n in ("gate_up_proj", "down_proj")]
     zeros = [getattr(experts, n + "_zero", none) for n in ("gate_up_proj", "down_proj")]
     group = 0 if q != "int4" else x.shape[1] // scales[0].shape[-1]
     I = gate_up.shape[1] // 2  # rows are never packed: int4 packs along the inputs
-    return build().fused_moe(x.contiguous(), sorted_token, sorted_weight, offsets, gate_up, scales[0], zeros[0],
-                             down, scales[1], zeros[1], FORMATS[q], group, I)
+    out = build().fused_moe(x.contiguous(), sorted_token, order.int(), sorted_weight, offsets, gate_up, scales[0],
+                            zeros[0], down, scales[1], zeros[1], FORMATS[q], group, I)  # (A, D) fp32
+    return out.view(T, K, -1).sum(dim=1).to(x.dtype)  # the K slots in order, in fp32: as the plain path
 
 
 def canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
@@ -127,36 +142,41 @@ def choose(kind: str, device: torch.device) -> tuple[str, str]:
         return "torch", "asked for"
     if device.type != "cuda":
         if kind == "cuda":
-            raise KernelBuildError(f"--kernels cuda needs a CUDA device (the model is on {device})")
+            raise KernelBuildError(f"the CUDA kernels need a CUDA device (the model is on {device})")
         return "torch", f"no CUDA device ({device})"
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         if kind == "cuda":
-            raise KernelBuildError("--kernels cuda needs an sm_80 or newer GPU (bf16 tensor cores)")
+            raise KernelBuildError("the CUDA kernels need an sm_80 or newer GPU (bf16 tensor cores)")
         return "torch", "GPU older than sm_80"
     return "cuda", torch.cuda.get_device_name(device)
 
 
-def use_kernels(model, kind: str = "auto") -> str:
+def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> str:
     """Switch every layer of model to the CUDA kernels (or back to plain PyTorch); returns the
-    one-line announcement. bf16 weights only: other dtypes stay on the plain path."""
+    one-line announcement. bf16 weights only: other dtypes stay on the plain path. The canvas
+    attention stays on SDPA unless attention_kernel: on the review of attention.cu it is slower
+    than SDPA, and no GPU run has shown otherwise yet (scripts/kernel_bench.py measures both)."""
     device = model.device
     path, why = choose(kind, device)
     if path == "cuda" and model.dtype != torch.bfloat16:
         if kind == "cuda":
-            raise KernelBuildError("--kernels cuda needs bf16 weights (--dtype bfloat16)")
+            raise KernelBuildError(f"the CUDA kernels need bfloat16 weights, not {model.dtype}")
         path, why = "torch", f"weights are {model.dtype}, the kernels take bf16"
     if path == "cuda":
         c = model.config
         dims = [c.layer_head_dim(i) for i in range(c.num_hidden_layers)]
         if c.hidden_size % 64 or c.moe_intermediate_size % 64 or any(d % 16 or d > 512 for d in dims):
             if kind == "cuda":
-                raise KernelBuildError("--kernels cuda needs hidden and expert sizes that are multiples of 64 "
+                raise KernelBuildError("the CUDA kernels need hidden and expert sizes that are multiples of 64 "
                                        "and head_dim a multiple of 16 up to 512")
             path, why = "torch", "shapes the kernels do not take"
     if path == "cuda":
         build()
     for layer in model.layers:
         layer.experts.kernel = experts_forward if path == "cuda" else None
-        layer.self_attn.canvas_kernel = canvas_attention if path == "cuda" else None
-    return f"kernels: cuda ✓ ({why})" if path == "cuda" else f"kernels: torch ({why})"
+        use_attention = path == "cuda" and attention_kernel
+        layer.self_attn.canvas_attention = canvas_attention if use_attention else plain_canvas_attention
+    if path != "cuda":
+        return f"kernels: torch ({why})"
+    return f"kernels: cuda ✓ ({why}; fused MoE, canvas attention: {'kernel' if attention_kernel else 'SDPA'})"

@@ -6,8 +6,12 @@
 //
 // Math (the reference is moe.Experts.forward, the plain PyTorch path):
 //   for every (token t, slot s) with expert e = idx[t, s] and routing weight w = weights[t, s]:
-//     h   = gelu_tanh(x_t @ gate_e^T) * (x_t @ up_e^T)         gate_e / up_e = gate_up[e, :I] / [e, I:]
-//     y_t += w * (h @ down_e^T)                                  summed over the K slots in fp32
+//     h      = gelu_tanh(x_t @ gate_e^T) * (x_t @ up_e^T)      gate_e / up_e = gate_up[e, :I] / [e, I:]
+//     out_a  = w * (h @ down_e^T)                              one fp32 row per assignment a = t*K + s
+//   y_t = sum over s of out_{t*K+s}, in slot order, in fp32 (done by the caller: out.view(T, K, D).sum(1)).
+// Rounding follows the reference: gate, up, gelu(gate), h and the down output are rounded to bf16
+// where the plain path's bf16 tensors are; only the accumulation order inside a dot product differs.
+// No atomics: every output element is written once, so the same input gives the same bits.
 //
 // Layout of the work:
 //   0. (host side, torch ops, no synchronisation) assignments a = t*K + s are sorted by expert;
@@ -18,8 +22,7 @@
 //      gelu_tanh(gate) * up and writes h (sorted order, bf16). With BM = 64 rows per chunk an
 //      expert of the 256-token canvas (about 16 rows) reads its weights exactly once.
 //   2. down_kernel: grid (D / BN, E). Same walk over h @ down_e^T; the epilogue multiplies by the
-//      fp32 routing weight and adds into the fp32 output row of the token (atomicAdd): the router
-//      weight and the sum over the top-k are folded into the epilogue.
+//      fp32 routing weight and writes the fp32 row of the assignment at its original index.
 //   Tensor cores through WMMA 16x16x16 bf16 fragments with fp32 accumulators.
 //   Grid: (704/64) * 128 = 1408 and (2816/64) * 128 = 5632 blocks: every SM is busy.
 //
@@ -31,8 +34,11 @@
 //         of `group` inputs: the main loop dequantises (q - zero) * scale into the bf16 tile.
 // Only load_weight_tile() and the epilogue's row scale differ between the formats.
 
-#include <torch/extension.h>
+// Only the ATen headers it needs (not torch/extension.h): a quarter of the compile time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <mma.h>
@@ -46,6 +52,8 @@ constexpr int BN = 64;   // output columns per block
 constexpr int BK = 32;   // reduction step
 constexpr int PAD = 8;   // shared-memory row padding (bf16 elements) against bank conflicts
 constexpr int WARPS = 4; // each warp owns 16 output columns and all BM rows
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 __device__ __forceinline__ float gelu_tanh(float x) {
   // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as F.gelu(approximate="tanh")
@@ -160,7 +168,7 @@ __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T
       }
       __syncthreads();  // everyone done with the tiles before the next load overwrites them
     }
-    // epilogue: gelu_tanh(gate) * up in fp32, one rounding to bf16
+    // epilogue: gelu_tanh(gate) * up, rounded to bf16 where the plain path's tensors are
     for (int i = 0; i < BM / 16; ++i) {
       wmma::store_matrix_sync(&sOut[0][i * 16][warp * 16], acc_g[i], BN + 4, wmma::mem_row_major);
       wmma::store_matrix_sync(&sOut[1][i * 16][warp * 16], acc_u[i], BN + 4, wmma::mem_row_major);
@@ -168,22 +176,23 @@ __global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T
     __syncthreads();
     for (int i = threadIdx.x; i < valid * BN; i += blockDim.x) {
       int r = i / BN, c = i % BN;
-      float v = gelu_tanh(sOut[0][r][c] * row_scale<FMT>(gate_up, g_row0 + c)) *
-                (sOut[1][r][c] * row_scale<FMT>(gate_up, u_row0 + c));
-      h[(int64_t)(m0 + r) * I + n0 + c] = __float2bfloat16(v);
+      float g = bf16_round(sOut[0][r][c] * row_scale<FMT>(gate_up, g_row0 + c));
+      float u = bf16_round(sOut[1][r][c] * row_scale<FMT>(gate_up, u_row0 + c));
+      h[(int64_t)(m0 + r) * I + n0 + c] = __float2bfloat16(bf16_round(gelu_tanh(g)) * u);
     }
     __syncthreads();
   }
 }
 
-// Step 2: y[tok(a), n] += w[a] * (h[a] . down[e, n]), fp32, for the rows a of expert e.
+// Step 2: out[a, n] = w[a] * bf16(h[a] . down[e, n]) in fp32, at a's original index, for the rows
+// a of expert e.
 template <int FMT>
-__global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) sorted order
-                            const Weights down,                       // (E, D, I)
-                            const int* __restrict__ sorted_token,     // (A,)
-                            const float* __restrict__ sorted_weight,  // (A,)
-                            const int* __restrict__ offsets,          // (E + 1,)
-                            float* __restrict__ y,                    // (T, D) fp32, zeroed
+__global__ void down_kernel(const __nv_bfloat16* __restrict__ h,       // (A, I) sorted order
+                            const Weights down,                        // (E, D, I)
+                            const int* __restrict__ sorted_assign,     // (A,) original index t*K + s
+                            const float* __restrict__ sorted_weight,   // (A,)
+                            const int* __restrict__ offsets,           // (E + 1,)
+                            float* __restrict__ out,                   // (A, D) fp32
                             int D, int I) {
   __shared__ __align__(128) __nv_bfloat16 sH[BM][BK + PAD];
   __shared__ __align__(128) __nv_bfloat16 sW[BN][BK + PAD];
@@ -219,11 +228,11 @@ __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) 
     for (int i = 0; i < BM / 16; ++i)
       wmma::store_matrix_sync(&sOut[i * 16][warp * 16], acc[i], BN + 4, wmma::mem_row_major);
     __syncthreads();
-    // epilogue: routing weight and the sum over the top-k slots, in fp32
+    // epilogue: the routing weight in fp32 on the bf16 expert output; one write per element
     for (int i = threadIdx.x; i < valid * BN; i += blockDim.x) {
       int r = i / BN, c = i % BN;
-      atomicAdd(&y[(int64_t)sorted_token[m0 + r] * D + n0 + c],
-                sorted_weight[m0 + r] * sOut[r][c] * row_scale<FMT>(down, row0 + c));
+      out[(int64_t)sorted_assign[m0 + r] * D + n0 + c] =
+          sorted_weight[m0 + r] * bf16_round(sOut[r][c] * row_scale<FMT>(down, row0 + c));
     }
     __syncthreads();
   }
@@ -231,56 +240,80 @@ __global__ void down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I) 
 
 }  // namespace
 
-Weights weights_of(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zero, int fmt,
+Weights weights_of(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int fmt,
                    int64_t K, int group) {
   return Weights{w.data_ptr(), fmt == BF16 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
                  fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group};
 }
 
 template <int FMT>
-void launch(const torch::Tensor& x, const Weights& gu, const Weights& dn, const torch::Tensor& sorted_token,
-            const torch::Tensor& sorted_weight, const torch::Tensor& offsets, torch::Tensor& h, torch::Tensor& y,
-            int E, int D, int I) {
+void launch(const at::Tensor& x, const Weights& gu, const Weights& dn, const at::Tensor& sorted_token,
+            const at::Tensor& sorted_assign, const at::Tensor& sorted_weight, const at::Tensor& offsets,
+            at::Tensor& h, at::Tensor& out, int E, int D, int I) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   gate_up_kernel<FMT><<<dim3(I / BN, E), 32 * WARPS, 0, stream>>>(
       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), gu, sorted_token.data_ptr<int>(), offsets.data_ptr<int>(),
       reinterpret_cast<__nv_bfloat16*>(h.data_ptr()), D, I);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   down_kernel<FMT><<<dim3(D / BN, E), 32 * WARPS, 0, stream>>>(
-      reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), dn, sorted_token.data_ptr<int>(),
-      sorted_weight.data_ptr<float>(), offsets.data_ptr<int>(), y.data_ptr<float>(), D, I);
+      reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), dn, sorted_assign.data_ptr<int>(),
+      sorted_weight.data_ptr<float>(), offsets.data_ptr<int>(), out.data_ptr<float>(), D, I);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// x (T, D) bf16; sorted_token, sorted_weight (A,) in expert order; offsets (E + 1,) int32.
-// fmt 0 bf16: gate_up (E, 2I, D), down (E, D, I); fmt 1 int8: same shapes in int8 plus (E, rows) scales;
-// fmt 2 int4: (E, rows, inputs/2) uint8 plus (E, rows, inputs/group) scales and zero points.
-// Returns (T, D) bf16.
-torch::Tensor fused_moe(torch::Tensor x, torch::Tensor sorted_token, torch::Tensor sorted_weight, torch::Tensor offsets,
-                        torch::Tensor gate_up, torch::Tensor gate_up_scale, torch::Tensor gate_up_zero,
-                        torch::Tensor down, torch::Tensor down_scale, torch::Tensor down_zero,
-                        int64_t fmt, int64_t group, int64_t I) {
-  TORCH_CHECK(x.is_cuda() && x.dtype() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous CUDA bf16");
+static void check_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, ": 16-byte aligned data expected");
+}
+
+// x (T, D) bf16; sorted_token, sorted_assign, sorted_weight (A,) in expert order; offsets (E + 1,)
+// int32. fmt 0 bf16: gate_up (E, 2I, D), down (E, D, I); fmt 1 int8: the same shapes in int8 plus
+// bf16 scales (E, rows); fmt 2 int4: (E, rows, inputs/2) uint8 plus bf16 scales and uint8 zero
+// points (E, rows, inputs/group). Returns out (A, D) fp32: row a is assignment a's weighted output.
+at::Tensor fused_moe(at::Tensor x, at::Tensor sorted_token, at::Tensor sorted_assign, at::Tensor sorted_weight,
+                     at::Tensor offsets, at::Tensor gate_up, at::Tensor gate_up_scale, at::Tensor gate_up_zero,
+                     at::Tensor down, at::Tensor down_scale, at::Tensor down_zero, int64_t fmt, int64_t group,
+                     int64_t I) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2,
+              "x: contiguous (T, D) CUDA bf16");
+  const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(fmt == BF16 || fmt == INT8 || fmt == INT4, "fmt: 0 bf16, 1 int8, 2 int4");
-  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 && down.dim() == 3, "weights: 3-D contiguous");
-  TORCH_CHECK(sorted_token.dtype() == torch::kInt32 && offsets.dtype() == torch::kInt32, "indices: int32");
-  TORCH_CHECK(sorted_weight.dtype() == torch::kFloat32, "weights: fp32");
-  const auto want = fmt == BF16 ? torch::kBFloat16 : fmt == INT8 ? torch::kChar : torch::kByte;
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous() && gate_up.dim() == 3 && down.dim() == 3,
+              "weights: 3-D contiguous");
+  for (const at::Tensor* t : {&sorted_token, &sorted_assign, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device() == x.device(), "indices: int32");
+  TORCH_CHECK(sorted_weight.scalar_type() == at::kFloat && sorted_weight.is_contiguous(), "weights: fp32");
+  const auto want = fmt == BF16 ? at::kBFloat16 : fmt == INT8 ? at::kChar : at::kByte;
   TORCH_CHECK(gate_up.scalar_type() == want && down.scalar_type() == want, "weight dtype does not match fmt");
-  const int T = x.size(0), D = x.size(1), E = gate_up.size(0);
-  TORCH_CHECK(gate_up.size(1) == 2 * I && down.size(0) == E && down.size(1) == D, "shapes disagree");
-  TORCH_CHECK(D % BN == 0 && I % BN == 0, "D and I must be multiples of 64");
-  TORCH_CHECK(fmt != INT4 || (group % 8 == 0 && D % group == 0 && I % group == 0), "int4 group must divide D and I, multiple of 8");
-  TORCH_CHECK(offsets.numel() == E + 1, "offsets: (E + 1,)");
-  const int A = sorted_token.numel();
-  auto h = torch::empty({A, I}, x.options());
-  auto y = torch::zeros({T, D}, x.options().dtype(torch::kFloat32));
+  const int64_t T = x.size(0), D = x.size(1), E = gate_up.size(0), A = sorted_token.numel();
+  const int64_t packed = fmt == INT4 ? 2 : 1;  // int4 packs two inputs a byte
+  TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) * packed == D && down.size(0) == E && down.size(1) == D &&
+              down.size(2) * packed == I, "shapes disagree: gate_up (E, 2I, D), down (E, D, I)");
+  TORCH_CHECK(D % BN == 0 && I % BN == 0 && D % BK == 0 && I % BK == 0, "D and I must be multiples of 64");
+  TORCH_CHECK(offsets.numel() == E + 1 && sorted_assign.numel() == A && sorted_weight.numel() == A,
+              "offsets (E + 1,), sorted lists (A,)");
+  if (fmt != BF16) {
+    TORCH_CHECK(gate_up_scale.scalar_type() == at::kBFloat16 && down_scale.scalar_type() == at::kBFloat16 &&
+                gate_up_scale.is_contiguous() && down_scale.is_contiguous(), "scales: contiguous bf16");
+    const int64_t gu_cols = fmt == INT8 ? 1 : D / group, dn_cols = fmt == INT8 ? 1 : I / group;
+    TORCH_CHECK(gate_up_scale.numel() == E * 2 * I * gu_cols && down_scale.numel() == E * D * dn_cols,
+                "scales: one per row (int8) or per row and group (int4)");
+  }
+  if (fmt == INT4) {
+    TORCH_CHECK(group % 8 == 0 && D % group == 0 && I % group == 0, "int4 group must divide D and I, multiple of 8");
+    TORCH_CHECK(gate_up_zero.scalar_type() == at::kByte && down_zero.scalar_type() == at::kByte &&
+                gate_up_zero.numel() == E * 2 * I * (D / group) && down_zero.numel() == E * D * (I / group),
+                "zero points: uint8, one per row and group");
+  }
+  for (const at::Tensor* t : {&x, &gate_up, &down}) check_aligned(*t, "x / gate_up / down");
+  auto h = at::empty({A, I}, x.options());
+  auto out = at::empty({A, D}, x.options().dtype(at::kFloat));
   if (A > 0) {
     Weights gu = weights_of(gate_up, gate_up_scale, gate_up_zero, fmt, D, group);
     Weights dn = weights_of(down, down_scale, down_zero, fmt, I, group);
-    if (fmt == BF16) launch<BF16>(x, gu, dn, sorted_token, sorted_weight, offsets, h, y, E, D, I);
-    else if (fmt == INT8) launch<INT8>(x, gu, dn, sorted_token, sorted_weight, offsets, h, y, E, D, I);
-    else launch<INT4>(x, gu, dn, sorted_token, sorted_weight, offsets, h, y, E, D, I);
+    if (fmt == BF16) launch<BF16>(x, gu, dn, sorted_token, sorted_assign, sorted_weight, offsets, h, out, E, D, I);
+    else if (fmt == INT8) launch<INT8>(x, gu, dn, sorted_token, sorted_assign, sorted_weight, offsets, h, out, E, D, I);
+    else launch<INT4>(x, gu, dn, sorted_token, sorted_assign, sorted_weight, offsets, h, out, E, D, I);
   }
-  return y.to(torch::kBFloat16);
+  (void)T;
+  return out;
 }

@@ -1,33 +1,97 @@
 #!/usr/bin/env bash
-# The GPU check, in one run (about 5 minutes on an H100): build the CUDA kernels, run the GPU tests,
-# benchmark transformers vs ours at the released shape, print a short table. Logs and bench.json go
-# to $OUT (default ./out).
+# The GPU check, sized for one loan of one H200 (sm_90, ~4.3 TB/s copy, ~790 TFLOP/s bf16; python3
+# with torch 2.11 and transformers 5.17 installed, nvcc 13.0, ninja; nothing can be installed; a
+# command may run 600 s; at most 8 files come back from $OUT). About 7 minutes of command time.
 #
-#   bash scripts/device_check.sh
+# Phases, most important first; each has a time limit and is skipped when too little time is left:
+#   0 env     versions, the GPU
+#   1 build   the CUDA extension; on failure stop, with the compiler's errors in summary.txt
+#   2 unit    the kernels against the plain path (test_kernels.py, one result line per test)
+#   3 micro   one layer at the released shape, kernel by kernel (scripts/kernel_bench.py)
+#   4 model   the bundled code model: CUDA graph vs eager, kernels vs plain
+#   5 bench   the released shape: kernels first, then transformers, then plain (4 steps)
+#   6 quant   int8 and int4 expert rows, if time remains
+# What comes back ($OUT, 6 files): summary.txt (appended after every phase), micro.json, bench.json,
+# bench_int8.json, bench_int4.json, logs.tgz (every log, re-packed after every phase).
+#
+#   bash scripts/device_check.sh             # on the GPU machine
+#   bash scripts/device_check.sh --dry-run   # every phase's CPU part, here (CI runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+PY=$(command -v python3 || command -v python)
 OUT=${OUT:-out}
+LOGS=$(mktemp -d)
+BUDGET=${BUDGET:-430}  # seconds of command time for all phases
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+: > "$OUT/summary.txt"
+START=$(date +%s)
 
-echo "== build" | tee "$OUT/build.log"
-( time python -c "import cuda_kernels; cuda_kernels.build(verbose=True); print('kernels built')" ) >> "$OUT/build.log" 2>&1
-tail -3 "$OUT/build.log"
+left() { echo $((BUDGET - $(date +%s) + START)); }
+say() { echo "[$(($(date +%s) - START))s] $*" | tee -a "$OUT/summary.txt"; }
+pack() { tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
 
-echo "== GPU tests"
-timeout 150 python -m pytest -q -rs test_kernels.py test_parity.py > "$OUT/tests.log" 2>&1
-tail -5 "$OUT/tests.log"
+# phase NAME LIMIT MIN COMMAND...: run COMMAND with at most LIMIT seconds (less if less is left),
+# not at all when fewer than MIN seconds are left; its output goes to LOGS/NAME.log
+phase() {
+  local name=$1 limit=$2 min=$3
+  shift 3
+  local avail
+  avail=$(left)
+  if [ "$avail" -lt "$min" ]; then
+    say "$name: skipped ($avail s left)"
+    return 2
+  fi
+  [ "$limit" -gt "$avail" ] && limit=$avail
+  local t0 rc
+  t0=$(date +%s)
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  rc=$?
+  say "$name: exit $rc after $(($(date +%s) - t0)) s$([ $rc -eq 124 ] && echo " (time limit $limit s)")"
+  pack
+  return $rc
+}
 
-echo "== benchmark (released shape, random bf16 weights, 1024-token prompt, 16 steps, 2 canvases)"
-timeout 240 python bench.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-cat "$OUT/bench.log" | grep -v Warning | tail -14
+if [ $DRY -eq 1 ]; then
+  say "dry run: the CPU part of every phase"
+  phase env 30 5 "$PY" -c "import torch, transformers, jinja2; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  phase build 60 10 "$PY" -c "import cuda_kernels; print(cuda_kernels.arch_for((9, 0)), cuda_kernels.cuda_home())"
+  phase unit 120 10 "$PY" -m pytest -q -rA test_kernels.py -k "fused_moe or canvas_attention or choice"
+  phase micro 120 10 "$PY" scripts/kernel_bench.py --tiny --device cpu --json "$OUT/micro.json"
+  phase model 120 10 "$PY" -m pytest -q -rA test_kernels.py -k "whole_model"
+  phase bench 240 10 "$PY" bench.py --tiny --steps 2 --json "$OUT/bench.json"
+  phase quant 120 10 "$PY" bench.py --tiny --steps 2 --quant int8 --json "$OUT/bench_int8.json"
+  phase quant4 120 10 "$PY" bench.py --tiny --steps 2 --quant int4 --json "$OUT/bench_int4.json"
+  grep -q "exit [^0]" "$OUT/summary.txt" && { say "dry run: a phase failed"; exit 1; }
+  say "dry run: every phase ran"
+  exit 0
+fi
 
-echo "== quantized experts (same run as bf16: speed, logit error, argmax agreement; then memory alone)"
-timeout 150 python bench.py --quant int8 --json "$OUT/bench_int8.json" > "$OUT/bench_int8.log" 2>&1
-timeout 150 python bench.py --quant int4 --json "$OUT/bench_int4.json" > "$OUT/bench_int4.log" 2>&1
-grep -v Warning "$OUT/bench_int8.log" | tail -7
-grep -v Warning "$OUT/bench_int4.log" | tail -3
-for q in int4 int8; do
-  timeout 120 python bench.py --quant $q --memory --json "$OUT/memory_$q.json" 2>&1 | grep -v Warning | tail -1
+say "device check: budget $BUDGET s"
+phase env 20 5 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+  $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', \
+  transformers.__version__, torch.cuda.get_device_name())\"; nvcc --version | tail -1"
+cat "$LOGS/env.log" >> "$OUT/summary.txt"
+if ! phase build 200 60 "$PY" -c "import time, cuda_kernels; t = time.time(); cuda_kernels.build(verbose=True); print('built in', round(time.time() - t), 's')"; then
+  say "build failed; the compiler's last lines:"
+  tail -40 "$LOGS/build.log" >> "$OUT/summary.txt"
+  pack
+  exit 1
+fi
+tail -1 "$LOGS/build.log" >> "$OUT/summary.txt"
+phase unit 120 30 "$PY" -m pytest -q -rA -p no:cacheprovider test_kernels.py -k "fused_moe or canvas_attention"
+grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$LOGS/unit.log" | tail -60 >> "$OUT/summary.txt"
+phase micro 100 30 "$PY" scripts/kernel_bench.py --json "$OUT/micro.json"
+grep -E "^(moe|attention|layer|cuda)" "$LOGS/micro.log" >> "$OUT/summary.txt"
+phase model 60 20 "$PY" -m pytest -q -rA -s -p no:cacheprovider test_kernels.py -k "whole_model"
+grep -E "logits|PASSED|FAILED|passed|failed|Error" "$LOGS/model.log" | tail -10 >> "$OUT/summary.txt"
+phase bench 200 90 "$PY" bench.py --json "$OUT/bench.json"
+grep -vE "Warning|warn" "$LOGS/bench.log" | tail -12 >> "$OUT/summary.txt"
+for q in int8 int4; do
+  phase "quant_$q" 60 50 "$PY" bench.py --quant "$q" --json "$OUT/bench_$q.json" && \
+    grep -vE "Warning|warn" "$LOGS/quant_$q.log" | tail -4 >> "$OUT/summary.txt"
 done
+say "done"
+pack

@@ -1,5 +1,5 @@
 """Quantization: hand-checked int8/int4 cases and error bounds, packing, and a checkpoint round trip
-(quantize.py writes it, the loader detects it, generate.py runs it)."""
+(quantize.py writes it atomically, the loader swaps in the quantized modules, generate.py runs it)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantize import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from quant import QuantExperts, dequantize_buffers, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,7 +59,7 @@ def test_error_bounds_random(group, zero_point):
 
 
 def test_quantized_checkpoint_round_trip(chat_free_ckpt, tmp_path):
-    from model import load_model
+    from checkpoint import load_model
     dst = tmp_path / "q"
     p = subprocess.run([sys.executable, "quantize.py", str(chat_free_ckpt), str(dst), "--experts", "int4",
                         "--group-size", "16", "--attention", "int8", "--mlp", "none", "--embedding", "int8"],
@@ -70,11 +70,11 @@ def test_quantized_checkpoint_round_trip(chat_free_ckpt, tmp_path):
     assert (dst / "tokenizer.json").exists() and (dst / "generation_config.json").exists()
     ref = load_model(chat_free_ckpt, "cpu", torch.float32)
     qm = load_model(dst, "cpu", torch.float32)
-    assert qm.layers[0].experts.quant == "int4" and qm.layers[0].experts.gate_up_proj.dtype == torch.uint8
+    assert isinstance(qm.layers[0].experts, QuantExperts) and qm.layers[0].experts.kind == "int4"
+    assert qm.layers[0].experts.gate_up_proj.dtype == torch.uint8
     # every dequantized weight is within its quantization step of the original
     gu, down = qm.layers[1].experts.expert_weights(2, torch.float32)
     torch.testing.assert_close(gu, ref.layers[1].experts.gate_up_proj[2], atol=0.05, rtol=0)
-    from quantize import dequantize_buffers
     wq = dequantize_buffers(qm.layers[0].self_attn.q_proj, "weight", "int8", torch.float32)
     assert (wq - ref.layers[0].self_attn.q_proj.weight).abs().max() < 0.01
     assert (qm.embedding_matrix() - ref.embed_tokens.weight).abs().max() < 0.01
@@ -84,4 +84,16 @@ def test_quantized_checkpoint_round_trip(chat_free_ckpt, tmp_path):
     assert g.returncode == 0, g.stderr
     again = subprocess.run([sys.executable, "quantize.py", str(dst), str(tmp_path / "qq")], cwd=HERE,
                            capture_output=True, text=True, timeout=60)
-    assert again.returncode != 0 and "already quantized" in again.stderr
+    assert again.returncode == 1 and "already quantized" in again.stderr and not (tmp_path / "qq").exists()
+    exists = subprocess.run([sys.executable, "quantize.py", str(chat_free_ckpt), str(dst)], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert exists.returncode == 2 and "--force" in exists.stderr and exists.stderr.count("\n") == 1
+
+
+def test_interrupted_conversion_leaves_nothing(chat_free_ckpt, tmp_path, monkeypatch):
+    import quantize
+    from checkpoint import ShardWriter
+    monkeypatch.setattr(ShardWriter, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        quantize.convert(chat_free_ckpt, tmp_path / "q", {"experts": "int8"})
+    assert list(tmp_path.iterdir()) == []  # neither the destination nor a temporary directory

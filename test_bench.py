@@ -1,0 +1,50 @@
+"""The benchmark and the GPU check, on the CPU: bench.py writes each row as soon as it is measured (a
+crash keeps what came before), and scripts/device_check.sh --dry-run runs every phase's CPU part
+within the files a device run can bring back."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import bench
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_rows_are_written_as_they_come(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(bench, "bare_run_seconds", lambda: 1.5)
+    calls = []
+    real = bench.per_canvas_ours
+
+    def crash_on_second(*a, **kw):  # the plain row is the second of ours on the CPU: fail it
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(bench, "parity", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("parity broke")))
+    monkeypatch.setattr(bench, "per_canvas_ours", crash_on_second)
+    args = bench.build_parser().parse_args(["--tiny", "--steps", "2", "--json", str(out), "--device", "cpu"])
+    with pytest.raises(RuntimeError, match="parity broke"):
+        bench.main(args)
+    report = json.loads(out.read_text())
+    assert [r["system"] for r in report["rows"]] == ["transformers 5.17.0", "ours, plain PyTorch"]
+    assert report["floor_ms_per_step"] > 0 and report["rows"][0]["ms_per_step"] > 0 and calls
+
+
+def test_device_check_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    p = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=HERE, capture_output=True, text=True,
+                       timeout=900, env=env)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert p.returncode == 0, summary + p.stderr[-2000:]
+    for phase in ("env", "build", "unit", "micro", "model", "bench", "quant"):
+        assert f"{phase}: exit 0" in summary, summary
+    files = sorted(f.name for f in (tmp_path / "out").iterdir())
+    assert len(files) <= 6 and "logs.tgz" in files and "summary.txt" in files, files
+    micro = json.loads((tmp_path / "out" / "micro.json").read_text())
+    assert {"ceilings", "moe", "attention", "layer"} <= set(micro)
+    bench_json = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["system"] for r in bench_json["rows"]] == ["transformers 5.17.0", "ours, plain PyTorch"]
+    assert bench_json["parity"]["plain"]["committed_identical"]

@@ -1,0 +1,208 @@
+"""The command line and the Python API: real runs end to end, the prompt as the model gets it, thoughts
+shown apart, batches in order, Ctrl-C, NaN logits, out of memory, and every user mistake as one line."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+import sampler
+from conftest import needs_gemma4
+
+HERE = Path(__file__).resolve().parent
+
+
+def cli(*args, cwd=HERE, timeout=180, env=None):
+    p = subprocess.run([sys.executable, str(HERE / "generate.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
+    return p.returncode, p.stdout, p.stderr
+
+
+def in_process(capsys, *args):
+    rc = generate.run([*map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, code, *needles):
+    assert rc == code, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+def test_generates_end_to_end(chat_free_ckpt):
+    rc, out, err = cli("--model", chat_free_ckpt, "--max-new-tokens", 10, "--steps", 3, "--seed", 1, "def add")
+    assert rc == 0, err
+    assert out.startswith("def add") and out.endswith("\n")  # a raw prompt reads on into its continuation
+    closing = err.strip().splitlines()[-1]
+    assert "canvases" in closing and "tok/s" in closing and "device cpu" in closing
+    rc2, out2, _ = cli("--model", chat_free_ckpt, "--max-new-tokens", 10, "--steps", 3, "--seed", 1, "def add")
+    assert out2 == out  # the same seed, the same text
+
+
+def test_python_api_and_exact_max_new_tokens(chat_free_ckpt):
+    from sampler import block_diffusion
+    model, tok = generate.load(chat_free_ckpt, device="cpu", dtype=torch.float32)
+    texts = generate.generate(model, tok, ["def add", "the quick brown fox jumps"], max_new_tokens=11, steps=2, seed=0)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    settings = generate.settings_for(model, max_new_tokens=11, steps=2, eos_token_ids=())
+    torch.manual_seed(0)
+    r = block_diffusion(model, [tok.encode_raw("for i in")], settings)
+    assert r.sequences.shape[1] == len(tok.encode_raw("for i in")) + 16  # two whole canvases of 8 ...
+    assert len(r.tokens[0]) == 11  # ... trimmed to exactly 11 tokens
+
+
+def test_batches_keep_the_input_order(chat_free_ckpt, tmp_path, monkeypatch):
+    f = tmp_path / "prompts.txt"
+    f.write_text("".join(f"prompt number {i}\n" for i in range(7)) + "\n", encoding="utf-8")
+    rc, out, err = cli("--model", chat_free_ckpt, "--batch-file", f, "--batch-size", 3, "--max-new-tokens", 8,
+                       "--steps", 2)
+    assert rc == 0, err
+    headers = [ln for ln in out.splitlines() if ln.startswith("=== ")]
+    assert headers == [f"=== {i + 1}: prompt number {i}" for i in range(7)]
+    # the default batch size is bounded: 1,000 prompts never make one batch of 1,000
+    model, tok = generate.load(chat_free_ckpt, device="cpu", dtype=torch.float32)
+    sizes = []
+    real = sampler.block_diffusion
+    monkeypatch.setattr(sampler, "block_diffusion", lambda m, p, s, **kw: sizes.append(len(p)) or real(m, p, s, **kw))
+    prompts = [[2, 5 + i % 7] for i in range(200)]
+    results = sampler.run_batches(model, prompts, generate.settings_for(model, max_new_tokens=4, steps=1),
+                                  generate.default_batch_size(model, len(prompts)))
+    assert max(sizes) <= generate.MAX_DEFAULT_BATCH and sum(len(r.tokens) for r in results) == 200
+
+
+def test_show_canvas(chat_free_ckpt):
+    rc, out, err = cli("--model", chat_free_ckpt, "--show-canvas", "--max-new-tokens", 8, "--steps", 3, "x")
+    assert rc == 0, err
+    assert "canvas 1 · step 3" in err and "\033[" in err
+
+
+@needs_gemma4
+def test_print_prompt_needs_no_weights(chat_ckpt, tmp_path):
+    d = shutil.copytree(chat_ckpt, tmp_path / "c")
+    (d / "model.safetensors").unlink()  # only the tokenizer and the config are read
+    rc, out, err = cli("--model", d, "--print-prompt", "--system", "Be brief.", "--thinking", "Hi")
+    assert rc == 0, err
+    assert out == "<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n\n"
+    assert err.strip().endswith("tokens")
+
+
+@needs_gemma4
+def test_thinking_is_shown_apart(chat_ckpt):
+    """A reply that begins with a thought (pinned here): the answer on stdout, the thought on stderr."""
+    pin = "0:<|channel>thought\nweighing it<channel|>"
+    rc, out, err = cli("--model", chat_ckpt, "--thinking", "--pin", pin, "--max-new-tokens", 8, "--steps", 2, "Hi")
+    assert rc == 0, err
+    assert "thinking: weighing it" in err and "weighing" not in out and "thought" not in out
+    rc, out, err = cli("--model", chat_ckpt, "--pin", pin, "--max-new-tokens", 8, "--steps", 2, "Hi")
+    assert rc == 0 and "weighing" not in out + err  # without --thinking the thought is not shown
+
+
+def fake_failure(monkeypatch, exc_on_canvas: int, exc):
+    """block_diffusion that raises exc once canvas exc_on_canvas has been committed."""
+    real = sampler.block_diffusion
+
+    def failing(model, prompts, settings, on_canvas=None, **kw):
+        def hook(ci, seq, finished):
+            if on_canvas is not None:
+                on_canvas(ci, seq, finished)
+            if ci == exc_on_canvas:
+                raise exc
+        return real(model, prompts, settings, on_canvas=hook, **kw)
+    monkeypatch.setattr(sampler, "block_diffusion", failing)
+
+
+def test_ctrl_c_shows_what_was_committed(chat_free_ckpt, tmp_path, monkeypatch, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("def add\nthe quick brown\n", encoding="utf-8")
+    fake_failure(monkeypatch, 0, KeyboardInterrupt())
+    rc, out, err = in_process(capsys, "--model", chat_free_ckpt, "--batch-file", f, "--max-new-tokens", 16,
+                              "--steps", 2, "--device", "cpu")
+    assert rc == 130 and err.strip().endswith("interrupted") and "Traceback" not in err
+    assert out.count("=== ") == 2 and "=== 2: the quick brown" in out  # the batch's rows, first canvas each
+
+
+def test_nan_logits_stop_with_one_line(chat_free_ckpt, monkeypatch, capsys):
+    from sampler import NonFiniteLogits
+    fake_failure(monkeypatch, 0, NonFiniteLogits(1, 7))
+    rc, out, err = in_process(capsys, "--model", chat_free_ckpt, "--max-new-tokens", 16, "--steps", 2, "--quiet",
+                              "--device", "cpu", "def add")
+    assert_one_line_error(rc, err, 1, "canvas 2, step 7", "--dtype float32")
+    assert out.startswith("def add") and len(out) > len("def add\n")  # the first canvas stays printed
+
+
+def test_out_of_memory_says_the_ways_out(chat_free_ckpt, monkeypatch, capsys):
+    fake_failure(monkeypatch, 0, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    rc, out, err = in_process(capsys, "--model", chat_free_ckpt, "--max-new-tokens", 16, "--steps", 2, "--quiet",
+                              "--device", "cpu", "x")
+    assert_one_line_error(rc, err, 1, "out of memory on cpu", "allocating 2.00 GiB", "free of", "quantize.py",
+                          "--batch-size", "--max-new-tokens")
+
+
+# ---- user mistakes: one line, no traceback ------------------------------------------------------
+
+def test_missing_path(tmp_path, capsys):
+    assert_one_line_error(*in_process(capsys, "--model", tmp_path / "nope", "hi")[::2], 1, "does not exist")
+
+
+def test_no_config_json(tmp_path, capsys):
+    assert_one_line_error(*in_process(capsys, "--model", tmp_path, "hi")[::2], 1, "no config.json")
+
+
+def test_empty_prompt(chat_free_ckpt, capsys):
+    assert_one_line_error(*in_process(capsys, "--model", chat_free_ckpt, "--device", "cpu", "   ")[::2], 2,
+                          "prompt is empty")
+
+
+def test_prompt_longer_than_context(chat_free_ckpt, tmp_path, capsys):
+    import json
+    d = shutil.copytree(chat_free_ckpt, tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = in_process(capsys, "--model", d, "--device", "cpu", "--max-new-tokens", 8, "the quick brown fox " * 30)
+    assert_one_line_error(rc, err, 2, "positions", "64", "shorten")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--entropy-bound", "-0.5"], "--entropy-bound"), (["--steps", "many"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"), (["--kernels", "fast"], "--kernels")])
+def test_bad_numbers(chat_free_ckpt, capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        generate.run(["--model", str(chat_free_ckpt), *args, "hi"])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, 2, needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--accept", "true"], "--samples"), (["--hole", "__", "--template", "a__b"], "--hole"),
+    (["--infill", "a<FILL>b", "--template", "a_b"], "give one of"), (["--chat"], "give one of"),
+    (["--template", "no holes"], "no hole"), (["--infill", "no gap"], "<FILL>"),
+    (["--pin", "x:)"], "OFFSET:TEXT"), (["--pin", "99:)"], "beyond")])
+def test_bad_requests(chat_free_ckpt, capsys, args, needle):
+    rc, _, err = in_process(capsys, "--model", chat_free_ckpt, "--device", "cpu", "--max-new-tokens", 8, *args,
+                            *(["hi"] if "--template" not in args and "--infill" not in args else []))
+    assert_one_line_error(rc, err, 2, needle)
+
+
+def test_batch_file_not_utf8(chat_free_ckpt, tmp_path, capsys):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("café\n".encode("latin-1"))
+    assert_one_line_error(*in_process(capsys, "--model", chat_free_ckpt, "--batch-file", f)[::2], 2, "not UTF-8")
+
+
+def test_no_model_anywhere(tmp_path):
+    """Without --model, generate.py uses ./weights; a copy of the program without it says what to do."""
+    for f in HERE.glob("*.py"):
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copytree(HERE / "cuda_kernels", tmp_path / "cuda_kernels")
+    p = subprocess.run([sys.executable, str(tmp_path / "generate.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert_one_line_error(p.returncode, p.stderr, 2, "no model given", "--model")

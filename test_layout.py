@@ -1,0 +1,130 @@
+"""The layout itself: imports flow one way (the network never imports what uses it), the network files
+run on their own, every file stands alone and stays short, public functions say what they do, and
+the usage lines at the top of each file run as written."""
+
+import ast
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SOURCES = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("test_") and p.name != "conftest.py")
+MODULES = {p.stem for p in SOURCES} | {"cuda_kernels"}
+NETWORK = {"model", "attention", "moe", "kvcache"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Project modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & MODULES
+
+
+def graph() -> dict[str, set[str]]:
+    g = {p.stem: imports_of(p) - {p.stem} for p in SOURCES}
+    g["cuda_kernels"] = imports_of(HERE / "cuda_kernels" / "__init__.py")
+    return g
+
+
+def test_no_import_cycles():
+    g, done, stack = graph(), set(), []
+
+    def visit(m):
+        if m in stack:
+            pytest.fail("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in done:
+            return
+        stack.append(m)
+        for n in sorted(g.get(m, ())):
+            visit(n)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(g):
+        visit(m)
+
+
+def test_network_imports_only_the_network():
+    g = graph()
+    for m in NETWORK:
+        assert g[m] <= NETWORK, f"{m}.py imports {sorted(g[m] - NETWORK)}"
+    assert g["cuda_kernels"] <= NETWORK and g["sampler"] <= NETWORK and g["quant"] <= NETWORK
+
+
+def test_network_runs_copied_alone(tmp_path):
+    for m in NETWORK:
+        shutil.copy(HERE / f"{m}.py", tmp_path)
+    code = ("import torch; from model import DiffusionGemma, DiffusionGemmaConfig, init_weights; from kvcache import KVCache\n"
+            "m = init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name('test-b')), seed=0)\n"
+            "c = KVCache(m.config.layer_types, m.config.sliding_window); m.forward_causal(torch.tensor([[2, 5, 9]]), c)\n"
+            "print(tuple(m.forward_canvas(torch.arange(8)[None], c).shape))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "(1, 8, 320)", p.stderr
+
+
+def text_files():
+    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    return [HERE / f for f in tracked if f.endswith((".py", ".md", ".sh", ".cu", ".cpp", ".txt", ".ini"))
+            and (HERE / f).exists() and not f.startswith("weights")]
+
+
+def test_stands_alone():
+    """No file cites a document that is not in the repository."""
+    for f in text_files():
+        text = f.read_text(encoding="utf-8")
+        for pattern in (r"\.\./shared", "SPEC" + r"\.md", "SPEC" + " §"):
+            assert not re.search(pattern, text), f"{f.name} cites {pattern}"
+
+
+@pytest.mark.parametrize("path", SOURCES + sorted(HERE.glob("test_*.py")), ids=lambda p: p.name)
+def test_files_stay_short(path):
+    assert len(path.read_text().splitlines()) <= 460, f"{path.name} has grown past one concept"
+
+
+@pytest.mark.parametrize("path", SOURCES + [HERE / "cuda_kernels" / "__init__.py"], ids=lambda p: p.name)
+def test_public_functions_have_docstrings(path):
+    tree = ast.parse(path.read_text())
+    assert ast.get_docstring(tree), f"{path.name} has no header docstring"
+    missing = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+               and not n.name.startswith("_") and not ast.get_docstring(n) and n.name not in ("main",)]
+    assert not missing, f"{path.name}: no docstring for {missing}"
+
+
+def usage_lines(path: Path) -> list[str]:
+    """The usage blocks of the header docstring: indented groups that begin as code does."""
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+    groups, current = [], []
+    for ln in doc.splitlines() + [""]:
+        if ln.startswith("    "):
+            current.append(ln[4:])
+        else:
+            if current:
+                groups.append(current)
+            current = []
+    return [ln for g in groups if g[0].startswith(("python ", "import ", "from ")) for ln in g]
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES + [HERE / "cuda_kernels" / "__init__.py"]],
+                         ids=lambda p: p.parent.name + "/" + p.name if p.name == "__init__.py" else p.name)
+def test_usage_lines_run_as_written(path):
+    lines = usage_lines(path)
+    assert lines, f"{path.name} has no usage lines"
+    shell = [ln for ln in lines if ln.startswith("python ")]
+    code = "\n".join(ln for ln in lines if not ln.startswith("python "))
+    for ln in shell:  # each command's flags are checked by the program's own parser
+        script, *argv = shlex.split(ln, comments=True)[1:]
+        p = subprocess.run([sys.executable, "-c", f"import sys, {Path(script).stem} as m; m.build_parser().parse_args(sys.argv[1:])",
+                            *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{ln}: {p.stderr}"
+    if code.strip():
+        p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{path.name} usage:\n{code}\n{p.stderr[-2000:]}"

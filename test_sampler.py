@@ -1,0 +1,134 @@
+"""The sampler and the loop: the temperature schedule, the entropy bound and the stop rule by hand,
+pinned positions, EOS handling, NaN logits, and the CUDA-graph denoiser's state handling (with an
+eager stand-in for the capture) against the plain loop, step by step."""
+
+import math
+
+import pytest
+import torch
+
+from cudagraph import GraphedDenoiser
+from kvcache import KVCache
+from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
+from sampler import (DenoiseState, GenerationSettings, NonFiniteLogits, SamplerSettings, block_diffusion,
+                     denoise_canvas, entropy, entropy_bound_accept, finalize_canvas, sampler_step, temperature, trim)
+
+
+def test_temperature_schedule():
+    s = SamplerSettings(max_steps=48, t_min=0.4, t_max=0.8)
+    assert temperature(48, s).item() == pytest.approx(0.8, abs=1e-7)
+    assert temperature(24, s).item() == pytest.approx(0.6, abs=1e-7)
+    assert temperature(1, s).item() == pytest.approx(0.4 + 0.4 / 48, abs=1e-7)  # 0.408333
+    assert temperature(1, s).dtype == torch.float32
+    assert temperature(8, SamplerSettings(max_steps=16)).item() == pytest.approx(0.6, abs=1e-7)
+
+
+def test_entropy_bound_acceptance_by_hand():
+    # sorted: 0.01 (pos 2), 0.05 (pos 0), 0.2 (pos 3), 0.5 (pos 1); cumsum - self: 0, .01, .06, .26
+    h = torch.tensor([[0.05, 0.5, 0.01, 0.2]])
+    assert entropy_bound_accept(h, 0.1).tolist() == [[True, False, True, True]]
+    # a tight bound still accepts the single most certain token
+    assert entropy_bound_accept(torch.tensor([[3.0, 2.0, 4.0]]), 0.1).tolist() == [[False, True, False]]
+    assert entropy_bound_accept(torch.full((1, 4), 0.3), 1.0).all()
+    assert entropy_bound_accept(torch.full((1, 4), 0.3), 0.5).sum() == 2
+
+
+def test_entropy_matches_categorical_and_by_hand():
+    logits = torch.randn(2, 5, 11)
+    assert torch.equal(entropy(logits), torch.distributions.Categorical(logits=logits).entropy())
+    assert entropy(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+    assert entropy(torch.tensor([[[0.0, -1e30]]])).item() == pytest.approx(0.0)
+
+
+def test_sampler_step_renoises_and_stops():
+    torch.manual_seed(0)
+    B, C, V = 2, 6, 50
+    s = SamplerSettings(max_steps=4, confidence_threshold=0.005)
+    raw = torch.zeros(B, C, V)
+    raw[0, :, 7] = 60.0  # row 0 certain of token 7 everywhere; row 1 uniform
+    st = sampler_step(DenoiseState.start(B, C, V, "cpu"), raw, 4, s, torch.float32)
+    assert st.accepted[0].all() and st.canvas[0].eq(7).all() and st.argmax[0].eq(7).all()
+    assert st.accepted[1].sum() == 1  # uniform row: one token within the bound
+    assert not st.finished.any()  # first step: history is -1, never stable
+    st2 = sampler_step(st, raw, 3, s, torch.float32)
+    assert st2.finished.tolist() == [True, False]  # stable and confident
+    raw2 = raw.clone()
+    raw2[0, :, 7], raw2[0, :, 9] = 0.0, 60.0
+    st3 = sampler_step(st2, raw2, 2, s, torch.float32)  # a finished row keeps its canvas and argmax
+    assert st3.argmax[0].eq(7).all() and st3.canvas[0].eq(7).all()
+
+
+def test_pinned_positions_never_renoised():
+    torch.manual_seed(1)
+    pinned = torch.zeros(1, 8, dtype=torch.bool)
+    pinned[0, [2, 7]] = True
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    tokens[0, 2], tokens[0, 7] = 11, 12
+    state = DenoiseState.start(1, 8, 40, "cpu", pinned, tokens)
+    for step in range(5, 0, -1):
+        state = sampler_step(state, torch.randn(1, 8, 40) * 3, step, SamplerSettings(max_steps=5), torch.float32,
+                             pinned, tokens)  # the model disagrees with the pins
+        assert state.accepted[0, 2] and state.accepted[0, 7]
+        assert state.canvas[0, [2, 7]].tolist() == [11, 12] and state.argmax[0, [2, 7]].tolist() == [11, 12]
+
+
+def test_finalize_pads_after_the_first_eos_and_finished_rows():
+    seq = torch.tensor([[9, 5, 1, 6, 1], [9, 5, 6, 7, 8]])  # prompt 1 token, canvas of 4
+    finished = finalize_canvas(seq, torch.tensor([False, False]), 4, torch.tensor([1]), 0, max_length=100)
+    assert finished.tolist() == [True, False]
+    assert seq.tolist() == [[9, 5, 1, 0, 0], [9, 5, 6, 7, 8]]  # EOS kept, what follows padded
+    seq2 = torch.cat([seq, torch.tensor([[3, 3, 3, 3], [1, 2, 2, 2]])], 1)
+    finished = finalize_canvas(seq2, finished, 4, torch.tensor([1]), 0, max_length=100)
+    assert seq2[0, -4:].tolist() == [0, 0, 0, 0] and seq2[1, -4:].tolist() == [1, 0, 0, 0]
+    assert trim([5, 1, 0], GenerationSettings(max_new_tokens=9, eos_token_ids=(1,))) == [5]
+    assert trim([5, 6, 7], GenerationSettings(max_new_tokens=2)) == [5, 6]
+
+
+def test_settings_copy_overrides_without_sharing():
+    base = GenerationSettings()
+    new = base.copy(steps=3, entropy_bound=2.0, max_new_tokens=7, eos_token_ids=())
+    assert (new.sampler.max_steps, new.sampler.entropy_bound, new.max_new_tokens, new.eos_token_ids) == (3, 2.0, 7, ())
+    assert base.sampler.max_steps == 48 and base.eos_token_ids == (1, 106, 50)
+    assert base.canvases(256) == 1 and new.canvases(4) == 2
+
+
+def small_model(seed=0):
+    return init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name("test-b")), std=0.3, seed=seed)
+
+
+def test_nan_logits_stop_with_the_canvas_and_step():
+    model = small_model()
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogits, match="canvas 1, step 4"):
+        block_diffusion(model, [[2, 3, 4]], GenerationSettings(max_new_tokens=8, sampler=SamplerSettings(max_steps=4)))
+
+
+def eager_capture(body, pool):
+    """A stand-in for the CUDA capture: it runs body() once (the warm-up) and again at each replay."""
+    body()
+    return type("Eager", (), {"replay": staticmethod(body)})()
+
+
+@pytest.mark.parametrize("confidence", [None, 0.005])
+def test_graphed_denoiser_state_equals_the_plain_loop(confidence):
+    """Step by step the graph wrapper's buffers hold what denoise_canvas's state holds (the same
+    random draws, history None without a stop rule, finished rows frozen)."""
+    model = small_model(1)
+    s = SamplerSettings(max_steps=5, confidence_threshold=confidence, entropy_bound=5.0)
+    states = {}
+    for name, denoise in (("plain", denoise_canvas), ("graph", GraphedDenoiser(capture=eager_capture))):
+        cache = KVCache(model.config.layer_types, model.config.sliding_window)
+        model.forward_causal(torch.tensor([[2, 17, 42, 7]] * 2), cache)
+        torch.manual_seed(0)
+        seen = []
+        state = DenoiseState.start(2, 8, model.config.vocab_size, "cpu")
+        final, steps = denoise(model, cache, state, s,
+                               on_step=lambda step, st: seen.append((step, st.canvas.clone(), st.argmax.clone())))
+        states[name] = (final, steps, seen)
+    (pf, ps, pseen), (gf, gs, gseen) = states["plain"], states["graph"]
+    assert ps == gs and [x[0] for x in pseen] == [x[0] for x in gseen]
+    for (_, c1, a1), (_, c2, a2) in zip(pseen, gseen):
+        assert torch.equal(c1, c2) and torch.equal(a1, a2)
+    assert torch.equal(pf.argmax, gf.argmax) and torch.equal(pf.finished, gf.finished)
+    assert (gf.history is None) == (confidence is None)

@@ -1,0 +1,201 @@
+"""The tokenizer and the chat format: text to token ids and back, as transformers would give them.
+
+A checkpoint's `tokenizer.json` is read with Hugging Face `tokenizers`. Its chat format is the
+checkpoint's own template (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`),
+rendered with jinja2 exactly as transformers 5.17.0 renders it (utils/chat_template_utils.py): a
+sandboxed environment with trim_blocks, lstrip_blocks and loop controls, `raise_exception`,
+`bos_token`, `add_generation_prompt` and `enable_thinking`. So the prompt follows whichever
+revision of the template a download holds: the release one ends a non-thinking prompt with an
+empty thought block `<|channel>thought\n<channel|>`, the rewritten one of 2026-07 does not.
+A tokenizer with the Gemma 4 turn markers but no template gets CANONICAL_FORMAT (the 2026-07
+template for system, user and assistant messages); one without them is plain text.
+
+The model may think before it answers: `<|channel>thought\n...<channel|>` in its reply;
+split_thought separates that from the answer (by token id, before decoding).
+
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer("weights-code")
+    ids = tok.encode("def f(x):")
+    text = tok.decode(ids)
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hfconfig import CheckpointError, read_json
+
+TURN_OPEN, TURN_CLOSE, THINK = "<|turn>", "<turn|>", "<|think|>"
+CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def strip_thinking(text: str) -> str:
+    """Remove every <|channel>...<channel|> span (the template's own macro), then trim."""
+    out = ""
+    for part in text.split(CHANNEL_CLOSE):
+        out += part.split(CHANNEL_OPEN)[0] if CHANNEL_OPEN in part else part
+    return out.strip()
+
+
+def canonical_format(messages: list[dict], bos: str, add_generation_prompt: bool, thinking: bool) -> str:
+    """The Gemma 4 canonical chat template (2026-07) for system/user/assistant messages, in Python."""
+    out = bos
+    rest = messages
+    if thinking or (messages and messages[0]["role"] in ("system", "developer")):
+        out += f"{TURN_OPEN}system\n" + (f"{THINK}\n" if thinking else "")
+        if messages and messages[0]["role"] in ("system", "developer"):
+            out += messages[0]["content"].strip()
+            rest = messages[1:]
+        out += f"{TURN_CLOSE}\n"
+    for m in rest:
+        role = "model" if m["role"] == "assistant" else m["role"]
+        content = strip_thinking(m["content"]) if role == "model" else m["content"].strip()
+        out += f"{TURN_OPEN}{role}\n{content}{TURN_CLOSE}\n"
+    if add_generation_prompt:
+        out += f"{TURN_OPEN}model\n"
+    return out
+
+
+@dataclass
+class Thought:
+    """A reply split at its thought channel: thought is None when the model did not think;
+    finished is False when the reply ended inside the thought."""
+    answer: list[int]
+    thought: list[int] | None = None
+    finished: bool = True
+
+
+class Tokenizer:
+    """tokenizer.json plus the checkpoint's chat template."""
+
+    def __init__(self, path: Path, template: str | None = None, template_file: str | None = None,
+                 bos_token: str = "<bos>"):
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0]}); "
+                                  "download it again") from None
+        self.bos_token = bos_token
+        self.template_file = template_file or "the chat template"
+        self.template = None if template is None else compile_template(template, self.template_file)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    @property
+    def is_chat(self) -> bool:
+        """A chat template, or the Gemma 4 turn markers of instruction-tuned tokenizers."""
+        return self.template is not None or (self.token_id(TURN_OPEN) is not None
+                                             and self.token_id(TURN_CLOSE) is not None)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, special-token strings included, with nothing added (no <bos>)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Token ids of text with what the tokenizer itself adds (Gemma: <bos> first)."""
+        return self.tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def decode_visible(self, ids: list[int]) -> str:
+        """Special tokens shown (for --print-prompt)."""
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], thinking: bool = False, add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation (transformers' apply_chat_template(tokenize=False))."""
+        for m in messages:
+            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"a message must be {{'role': one of {ROLES}, 'content': str}}, not {m!r}")
+        if self.template is None:
+            return canonical_format(messages, self.bos_token, add_generation_prompt, thinking)
+        import jinja2
+        try:
+            return self.template.render(messages=messages, bos_token=self.bos_token, enable_thinking=thinking,
+                                        add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise CheckpointError(f"{self.template_file} failed on this conversation: {e}") from None
+
+    def apply_chat_template(self, messages: list[dict], thinking: bool = False,
+                            add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
+        return self.encode(self.render_chat(messages, thinking, add_generation_prompt))
+
+    def prompt_ids(self, text: str, chat: bool = True, thinking: bool = False, system: str | None = None) -> list[int]:
+        """One user turn (after an optional system prompt) ready for the model to answer, in the chat
+        format when the tokenizer has one and chat is True; else the text as the tokenizer encodes it."""
+        if not (chat and self.is_chat):
+            return self.encode_raw(text)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return self.apply_chat_template(messages, thinking=thinking)
+
+    def split_thought(self, ids: list[int]) -> Thought:
+        """Separate `<|channel>thought\\n ... <channel|>` from the answer, by token id."""
+        open_id, close_id = self.token_id(CHANNEL_OPEN), self.token_id(CHANNEL_CLOSE)
+        if open_id is None or open_id not in ids:
+            return Thought(answer=list(ids))
+        start = ids.index(open_id)
+        end = ids.index(close_id, start) if close_id is not None and close_id in ids[start:] else None
+        inner = ids[start + 1: end]
+        label = self.encode("thought\n")  # the channel's name, not part of the thought
+        if inner[: len(label)] == label:
+            inner = inner[len(label):]
+        answer = ids[:start] + ([] if end is None else ids[end + 1:])
+        return Thought(answer=answer, thought=inner, finished=end is not None)
+
+
+def compile_template(source: str, name: str):
+    """A jinja2 template set up as transformers 5.17.0 sets it up."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise CheckpointError(f"{name} is not a valid jinja template ({e}); download it again") from None
+
+
+def token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(checkpoint: str | Path, override: str | Path | None = None,
+                   vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (or the tokenizer.json `override`) and its template."""
+    checkpoint = Path(checkpoint)
+    path = Path(override) if override else checkpoint / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the checkpoint has no tokenizer.json; give a tokenizer file")
+    config, template, template_file = {}, None, None
+    config_file = path.parent / "tokenizer_config.json"
+    if config_file.is_file():
+        config = read_json(config_file)
+    jinja_file = path.parent / "chat_template.jinja"
+    if jinja_file.is_file():
+        template, template_file = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+    elif isinstance(config.get("chat_template"), str):
+        template, template_file = config["chat_template"], f"the chat_template of {config_file}"
+    tok = Tokenizer(path, template, template_file, bos_token=token_text(config.get("bos_token")) or "<bos>")
+    base = tok.tok.get_vocab_size(with_added_tokens=False)  # Gemma's adds an image placeholder beyond it
+    if vocab_size is not None and base > vocab_size:
+        raise CheckpointError(f"{path} has {base} tokens but the model only {vocab_size}: "
+                              "use the tokenizer that came with the checkpoint")
+    return tok
