@@ -43,8 +43,8 @@ class GraphedDenoiser:
     stand-in that runs body() eagerly at every replay, to check the state handling on the CPU.
     """
 
-    def __init__(self, capture=cuda_graph_capture):
-        self.capture = capture
+    def __init__(self, capture=cuda_graph_capture, stats=None):
+        self.capture, self.stats = capture, stats  # stats: the fused sampler pass (sampler.sampler_step)
         self.pool = None  # one memory pool shared by the graphs of successive canvases
 
     def __call__(self, model, cache, state: DenoiseState, s: SamplerSettings, pinned=None, pinned_tokens=None,
@@ -54,7 +54,7 @@ class GraphedDenoiser:
 
         # step 1, eagerly: no self-conditioning yet; it also starts the argmax history
         raw = model.forward_canvas(state.canvas, cache, None, valids)
-        state = sampler_step(state, raw, s.max_steps, s, dtype, pinned, pinned_tokens)
+        state = sampler_step(state, raw, s.max_steps, s, dtype, pinned, pinned_tokens, stats=self.stats)
         del raw
         steps = 1
         if on_step is not None:
@@ -74,7 +74,7 @@ class GraphedDenoiser:
 
         def body():
             raw = model.forward_canvas(static.canvas, cache, static.sc_logits, valids)
-            new = sampler_step(static, raw, step_t, s, dtype, pinned, pinned_tokens, sync_free=True)
+            new = sampler_step(static, raw, step_t, s, dtype, pinned, pinned_tokens, sync_free=True, stats=self.stats)
             for name in names:
                 getattr(static, name).copy_(getattr(new, name))
             nonfinite.logical_or_(~torch.isfinite(new.entropy).all())

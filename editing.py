@@ -63,7 +63,7 @@ def parse_pin(tokenizer: Tokenizer, spec: str) -> dict[int, int]:
     """OFFSET:TEXT: the tokens of TEXT fixed from new-token OFFSET on."""
     offset, sep, text = spec.partition(":")
     if not sep or not offset.strip().isdigit() or not text:
-        raise UsageError(f"--pin {spec!r}: expected OFFSET:TEXT, e.g. --pin 40:'}}'")
+        raise UsageError(f"pin {spec!r}: expected OFFSET:TEXT, e.g. 40:'}}'")
     return {int(offset) + i: t for i, t in enumerate(tokenizer.encode(text))}
 
 

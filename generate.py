@@ -15,6 +15,7 @@ as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -150,12 +151,14 @@ def choose_fast_path(model, kernels: str = "auto", cuda_graph: bool = True) -> t
     """The one place where the fast paths are chosen: CUDA kernels in the layers, and the CUDA-graph
     step on top of them. Returns the denoise function for block_diffusion and the line announcing
     the choice ("kernels: cuda ✓ (...), cuda graph ✓" or "kernels: torch (why)")."""
-    from cuda_kernels import use_kernels
+    from cuda_kernels import sampler_stats, use_kernels
     line = use_kernels(model, kernels)
-    if line.startswith("kernels: cuda") and cuda_graph:
+    if not line.startswith("kernels: cuda"):
+        return denoise_canvas, line
+    if cuda_graph:
         from cudagraph import GraphedDenoiser
-        return GraphedDenoiser(), line + ", cuda graph ✓"
-    return denoise_canvas, line
+        return GraphedDenoiser(stats=sampler_stats), line + ", fused sampler, cuda graph ✓"
+    return functools.partial(denoise_canvas, stats=sampler_stats), line + ", fused sampler"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,6 @@ class KVCache:
                  spare: int = 0):
         window = sliding_window - 1
         self.layers = [LayerCache(window if t == "sliding_attention" else None, spare) for t in layer_types]
-        self.spare = spare
         self.length = 0  # tokens written so far (the position of the next token)
         self.valid = valid  # (B, length) bool, True for real tokens; None when nothing is padded
 

@@ -111,7 +111,7 @@ class DenoiseState:
 
 def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, step: int, s: SamplerSettings,
                  sc_dtype: torch.dtype, pinned: torch.Tensor | None = None,
-                 pinned_tokens: torch.Tensor | None = None, sync_free: bool = False) -> DenoiseState:
+                 pinned_tokens: torch.Tensor | None = None, sync_free: bool = False, stats=None) -> DenoiseState:
     """Turn one denoising pass's raw logits (B, C, V) fp32 into the next state.
 
     pinned (B, C) bool with pinned_tokens (B, C): positions fixed by the caller (infill, closing
@@ -119,18 +119,26 @@ def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, step: int, s: Sa
     sync_free: never wait for the GPU (for CUDA graphs): finished rows keep their canvas and argmax
     without a data-dependent branch, and their self-conditioning logits are not kept (they feed
     nothing that a finished row still uses).
+    stats(raw_logits, T) -> (sampled, argmax, entropy, scaled logits in sc_dtype): a fused pass over
+    the logits (cuda_kernels.sampler_stats) for steps 1-2; it samples from another random stream.
     """
     B, C, V = raw_logits.shape
-    logits = raw_logits / temperature(step, s, raw_logits.device)  # (B, C, V)
-    h = entropy(logits)  # (B, C); NaN wherever the logits are
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    if not sync_free and not bool(torch.isfinite(h).all()):
-        raise NonFiniteLogits(-1, step)  # before sampling from garbage (the caller knows the canvas)
-    if sync_free:  # keep multinomial's input valid; the caller checks the entropies once per canvas
-        probs = torch.nan_to_num(probs, nan=1.0)
-    sampled = torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
-    del probs
-    new_argmax = torch.argmax(logits, dim=-1)  # (B, C)
+    T = temperature(step, s, raw_logits.device)
+    if stats is not None:
+        sampled, new_argmax, h, logits = stats(raw_logits, T)
+        if not sync_free and not bool(torch.isfinite(h).all()):
+            raise NonFiniteLogits(-1, step)
+    else:
+        logits = raw_logits / T  # (B, C, V)
+        h = entropy(logits)  # (B, C); NaN wherever the logits are
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if not sync_free and not bool(torch.isfinite(h).all()):
+            raise NonFiniteLogits(-1, step)  # before sampling from garbage (the caller knows the canvas)
+        if sync_free:  # keep multinomial's input valid; the caller checks the entropies once per canvas
+            probs = torch.nan_to_num(probs, nan=1.0)
+        sampled = torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
+        del probs
+        new_argmax = torch.argmax(logits, dim=-1)  # (B, C)
 
     if pinned is not None:
         h = h.masked_fill(pinned, 0.0)  # a pinned token is certain: always accepted, costs nothing
@@ -235,16 +243,17 @@ def finalize_canvas(seq: torch.Tensor, finished: torch.Tensor, C: int, eos: torc
 
 
 def denoise_canvas(model, cache: KVCache, state: DenoiseState, s: SamplerSettings,
-                   pinned=None, pinned_tokens=None, on_step=None) -> tuple[DenoiseState, int]:
+                   pinned=None, pinned_tokens=None, on_step=None, stats=None) -> tuple[DenoiseState, int]:
     """Refine one canvas: up to s.max_steps denoising steps (step counts down), stopping early once
     every row is stable and confident. Returns the final state and the number of steps run.
     Raises NonFiniteLogits (canvas index -1: block_diffusion knows it) on NaN logits.
-    (cudagraph.GraphedDenoiser is the same function with the step captured in a CUDA graph.)"""
+    stats: a fused sampler pass (sampler_step). (cudagraph.GraphedDenoiser is the same function with
+    the step captured in a CUDA graph.)"""
     steps = 0
     valids = model.canvas_valids(cache)  # fixed for the whole canvas
     for step in range(s.max_steps, 0, -1):
         raw = model.forward_canvas(state.canvas, cache, state.sc_logits, valids)  # (B, C, V) fp32
-        state = sampler_step(state, raw, step, s, model.dtype, pinned, pinned_tokens)
+        state = sampler_step(state, raw, step, s, model.dtype, pinned, pinned_tokens, stats=stats)
         steps += 1
         if on_step is not None:
             on_step(step, state)

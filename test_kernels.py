@@ -115,7 +115,7 @@ def test_whole_model_graph_equals_eager_and_kernels_track_plain():
     exactly what eager steps commit; the kernels' logits stay within 1e-2 of the plain path's."""
     from generate import choose_fast_path, load, settings_for
     from kvcache import KVCache
-    from sampler import block_diffusion, denoise_canvas
+    from sampler import block_diffusion
     m, tok = load(HERE / "weights-code", "cuda", torch.bfloat16)
     prompt = torch.tensor([tok.encode_raw("def fibonacci(n):\n")], device="cuda")
     canvas = torch.randint(0, m.config.vocab_size, (1, m.config.canvas_length), device="cuda",
@@ -130,9 +130,50 @@ def test_whole_model_graph_equals_eager_and_kernels_track_plain():
     assert report("logits kernels vs plain", logits["cuda"], logits["torch"]) < 1e-2
     s = settings_for(m, max_new_tokens=2 * m.config.canvas_length, steps=8)
     graph, _ = choose_fast_path(m, "cuda", cuda_graph=True)
+    eager, _ = choose_fast_path(m, "cuda", cuda_graph=False)  # the same kernels and fused sampler, no graph
     out = {}
-    for name, denoise in (("eager", denoise_canvas), ("graph", graph)):
+    for name, denoise in (("eager", eager), ("graph", graph)):
         torch.manual_seed(0)
         out[name] = block_diffusion(m, [prompt[0].tolist()], s, denoise=denoise)
     assert torch.equal(out["eager"].sequences, out["graph"].sequences)
     assert out["eager"].steps == out["graph"].steps
+
+
+@gpu
+def test_fused_sampler_pass_equals_plain():
+    """Scaled logits, argmax and entropy as the plain sampler computes them; samples distributed as
+    softmax (Gumbel-max), the same for the same key; NaN rows give a NaN entropy."""
+    from sampler import entropy
+    torch.manual_seed(0)
+    B, C, V = 2, 64, 4096
+    raw = torch.tanh(torch.randn(B, C, V, device="cuda") * 2) * 30
+    T = torch.tensor(0.6, device="cuda")
+    sampled, argmax, h, sc = cuda_kernels.sampler_stats(raw, T)
+    x = raw / T
+    assert torch.equal(argmax, x.argmax(-1)) and torch.equal(sc, x.to(torch.bfloat16))
+    torch.testing.assert_close(h, entropy(x), atol=1e-4, rtol=1e-4)
+    torch.manual_seed(1)
+    again = cuda_kernels.sampler_stats(raw, T)[0]
+    torch.manual_seed(1)
+    assert torch.equal(again, cuda_kernels.sampler_stats(raw, T)[0])  # the same key, the same samples
+    few = torch.tensor([0.0, 1.0, 2.0, -1.0] * 2, device="cuda").repeat(8192, 1)[None]  # (1, 8192, 8)
+    counts = torch.bincount(cuda_kernels.sampler_stats(few, torch.tensor(1.0, device="cuda"))[0].flatten(), minlength=8)
+    expect = torch.softmax(few[0, 0], -1) * few.shape[1]
+    assert ((counts - expect).abs() < 5 * expect.sqrt() + 5).all(), (counts, expect)
+    raw[0, 3, 7] = float("nan")
+    assert torch.isnan(cuda_kernels.sampler_stats(raw, T)[2][0, 3])
+
+
+@gpu
+@pytest.mark.parametrize("D,with_scale", [(256, True), (512, False), (2816, True)])
+def test_rms_norm_equals_plain(D, with_scale):
+    from attention import RMSNorm
+    torch.manual_seed(D)
+    norm = RMSNorm(D, 1e-6, with_scale).cuda().to(torch.bfloat16)
+    if with_scale:
+        torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    x = torch.randn(3, 77, D, device="cuda", dtype=torch.bfloat16) * 4
+    ref = norm(x)
+    got = cuda_kernels.rms_norm(x, norm.weight, 1e-6)
+    assert report(f"rmsnorm D={D}", got, ref) < 5e-3
+    assert (got != ref).float().mean() < 0.01  # the same bf16 almost everywhere: only the sum's order differs

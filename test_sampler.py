@@ -132,3 +132,26 @@ def test_graphed_denoiser_state_equals_the_plain_loop(confidence):
         assert torch.equal(c1, c2) and torch.equal(a1, a2)
     assert torch.equal(pf.argmax, gf.argmax) and torch.equal(pf.finished, gf.finished)
     assert (gf.history is None) == (confidence is None)
+
+
+def gumbel_stats(raw, T):
+    """A plain-torch stand-in for cuda_kernels.sampler_stats (the same outputs, Gumbel-max sampling)."""
+    x = raw / T
+    u = torch.rand_like(x).clamp(1e-7, 1 - 1e-7)
+    return (x - torch.log(-torch.log(u))).argmax(-1), x.argmax(-1), entropy(x), x.to(torch.bfloat16)
+
+
+def test_a_fused_sampler_pass_plugs_in():
+    """sampler_step with `stats` (the fused pass's seam): pins hold, the self-conditioning logits are
+    what the pass returned, and the loop stops as it should."""
+    model = small_model(2)
+    pinned = torch.zeros(1, 8, dtype=torch.bool)
+    pinned[0, 3] = True
+    tokens = torch.full((1, 8), 9)
+    cache = KVCache(model.config.layer_types, model.config.sliding_window)
+    model.forward_causal(torch.tensor([[2, 5, 6]]), cache)
+    torch.manual_seed(0)
+    state = DenoiseState.start(1, 8, model.config.vocab_size, "cpu", pinned, tokens)
+    final, steps = denoise_canvas(model, cache, state, SamplerSettings(max_steps=6), pinned, tokens, stats=gumbel_stats)
+    assert final.argmax[0, 3] == 9 and final.canvas[0, 3] == 9 and 1 <= steps <= 6
+    assert final.sc_logits.dtype == model.dtype and final.sc_logits.shape == (1, 8, model.config.vocab_size)

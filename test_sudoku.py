@@ -1,6 +1,7 @@
 """Sudoku as a task: the rules by hand, grids that stay valid under every symmetry, puzzles with one
 solution, tokens and text, and a Sudoku model trained, exported and run by generate.py."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,15 @@ def test_a_trained_model_runs_in_generate(tmp_path):
     givens = sudoku.format_grid(sudoku.BUILTIN[6], SIX).splitlines()
     for row_s, row_p in zip(solution, givens):  # the givens are pinned: they come back
         assert all(p_ch in (".", s_ch) for s_ch, p_ch in zip(row_s, row_p))
+
+
+def test_device_training_script_runs_small(tmp_path):
+    """scripts/train_device.sh on the CPU, tiny and short: the files a device run returns, each small."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), MINUTES="0.05", BATCH="8", PUZZLES="4", DEVICE="cpu",
+               PRESET="tiny")
+    p = subprocess.run(["bash", "scripts/train_device.sh"], cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    files = [f for f in (tmp_path / "out").rglob("*") if f.is_file()]
+    assert len(files) <= 6 and all(f.stat().st_size <= 16 * 2 ** 20 for f in files)
+    assert {"eval.json", "train_log.txt", "model.safetensors", "tokenizer.json"} <= {f.name for f in files}

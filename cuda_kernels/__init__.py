@@ -1,7 +1,9 @@
 """Hand-written CUDA kernels for the denoising step, and the one place where a model is switched to them.
 
-  fused_moe.cu   the 128 experts as one grouped GEMM over tokens sorted by expert
+  fused_moe.cu   the 128 experts as one grouped GEMM over tokens sorted by expert (cp.async pipeline)
   attention.cu   the canvas's bidirectional attention over [cached prefix ; canvas]
+  sampler.cu     the sampler's pass over the logits, fused: scaled logits, argmax, entropy, a sample
+  rmsnorm.cu     RMSNorm in one pass (eleven a layer)
   bindings.cpp   their Python bindings
 
 The kernels are built on first use with torch.utils.cpp_extension.load and cached (by default under
@@ -23,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attention import canvas_attention as plain_canvas_attention
+from attention import RMSNorm, canvas_attention as plain_canvas_attention
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu"]
+SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu", HERE / "sampler.cu", HERE / "rmsnorm.cu"]
 _ext = None
 
 
@@ -134,6 +136,24 @@ def canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
                                     v_new.contiguous(), empty if valid is None else valid)
 
 
+def sampler_stats(raw: torch.Tensor, temperature: torch.Tensor) -> tuple:
+    """The first half of sampler.sampler_step in one pass over the logits: raw (B, C, V) fp32 and the
+    temperature (a device scalar) -> (sampled, argmax, entropy) (B, C) and the scaled logits (B, C, V)
+    in bf16. Samples by Gumbel-max from a counter-based generator keyed by one draw from torch's
+    generator: seeded, graph-safe, but not the plain path's multinomial stream."""
+    B, C, V = raw.shape
+    key = torch.randint(0, 2 ** 62, (), device=raw.device)
+    sc, argmax, sample, h = build().sampler_stats(raw.reshape(B * C, V).contiguous(),
+                                                  temperature.float().reshape(()), key)
+    return sample.view(B, C), argmax.view(B, C), h.view(B, C), sc.view(B, C, V)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """attention.RMSNorm.forward on the GPU in one kernel: x (..., D) bf16, weight (D,) or None."""
+    empty = torch.empty(0, dtype=x.dtype, device=x.device)
+    return build().rms_norm(x.contiguous(), empty if weight is None else weight.to(x.dtype), eps)
+
+
 # ---- choosing a path --------------------------------------------------------------------------
 
 def choose(kind: str, device: torch.device) -> tuple[str, str]:
@@ -173,10 +193,13 @@ def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> st
             path, why = "torch", "shapes the kernels do not take"
     if path == "cuda":
         build()
+    for module in model.modules():  # every norm: the layers', the final one, self-conditioning's
+        if isinstance(module, RMSNorm):
+            module.kernel = rms_norm if path == "cuda" else None
     for layer in model.layers:
         layer.experts.kernel = experts_forward if path == "cuda" else None
         use_attention = path == "cuda" and attention_kernel
         layer.self_attn.canvas_attention = canvas_attention if use_attention else plain_canvas_attention
     if path != "cuda":
         return f"kernels: torch ({why})"
-    return f"kernels: cuda ✓ ({why}; fused MoE, canvas attention: {'kernel' if attention_kernel else 'SDPA'})"
+    return f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, canvas attention: {'kernel' if attention_kernel else 'SDPA'})"

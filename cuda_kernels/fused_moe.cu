@@ -1,8 +1,8 @@
 // Fused mixture-of-experts for the denoising canvas: a grouped GEMM that streams every expert's
-// weights once per step.
+// weights once per step, with enough loads in flight to run at memory bandwidth.
 //
 // Build: JIT-compiled by cuda_kernels/__init__.py with torch.utils.cpp_extension.load
-// (sm_90a on Hopper, the device's own arch elsewhere; needs sm_80+ for bf16 tensor cores).
+// (sm_90a on Hopper, the device's own arch elsewhere; needs sm_80+ for cp.async and bf16 MMA).
 //
 // Math (the reference is moe.Experts.forward, the plain PyTorch path):
 //   for every (token t, slot s) with expert e = idx[t, s] and routing weight w = weights[t, s]:
@@ -13,26 +13,36 @@
 // where the plain path's bf16 tensors are; only the accumulation order inside a dot product differs.
 // No atomics: every output element is written once, so the same input gives the same bits.
 //
+// Why it is built this way: at the canvas's 256 tokens x top-8 every expert of every layer gets
+// about 16 rows, so each weight byte is used ~16 times: the step is bound by the weight stream
+// (16 FLOP/byte in bf16). A block must keep many bytes in flight. So:
+//   - the weight tiles (and the activation rows) move with cp.async into a 3-stage ring, issued
+//     STAGES-1 tiles ahead: a thread never waits for one load before issuing the next;
+//   - every loop bound is a compile-time constant (THREADS, BM, BN, BK), so the loaders unroll;
+//   - int8 and int4 weights travel as they are stored (1/2 and 1/4 of the bytes) and are turned
+//     into bf16 in shared memory, 8 or 16 weights per thread with one scale (and zero) per group,
+//     so the bytes saved become time saved.
+//
 // Layout of the work:
 //   0. (host side, torch ops, no synchronisation) assignments a = t*K + s are sorted by expert;
 //      offsets[e] .. offsets[e+1] are expert e's rows of the sorted list.
 //   1. gate_up_kernel: grid (I / BN, E). A block owns BN columns of one expert's gate AND up
-//      projections, walks the expert's rows in chunks of BM, and for each chunk streams its weight
-//      tile along D in steps of BK: gate and up are computed together, the epilogue applies
-//      gelu_tanh(gate) * up and writes h (sorted order, bf16). With BM = 64 rows per chunk an
-//      expert of the 256-token canvas (about 16 rows) reads its weights exactly once.
-//   2. down_kernel: grid (D / BN, E). Same walk over h @ down_e^T; the epilogue multiplies by the
-//      fp32 routing weight and writes the fp32 row of the assignment at its original index.
-//   Tensor cores through WMMA 16x16x16 bf16 fragments with fp32 accumulators.
-//   Grid: (704/64) * 128 = 1408 and (2816/64) * 128 = 5632 blocks: every SM is busy.
+//      projections and walks the expert's rows in chunks of BM (one chunk unless an expert drew
+//      more than 64 rows); for each chunk it streams the two weight tiles along D in steps of BK.
+//      Epilogue: gelu_tanh(gate) * up, written to h (sorted order, bf16).
+//   2. down_kernel: grid (D / BN, E). The same walk over h @ down_e^T along I; the epilogue
+//      multiplies by the fp32 routing weight and writes the assignment's row at its original index.
+//   Tensor cores through WMMA 16x16x16 bf16 fragments with fp32 accumulators: 4 warps, each owns
+//   16 output columns and the BM rows (row tiles past the expert's count are skipped).
+//   Grid: (704/64) * 128 = 1408 and (2816/64) * 128 = 5632 blocks at the released shape.
 //
-// Weights come in three formats (quantize.py), a template parameter of both kernels:
+// Weights in three formats (quant.py), a template parameter of both kernels:
 //   BF16  as stored in the checkpoint;
-//   INT8  int8 per output row with a bf16 scale per row: the main loop converts q to bf16 (exact),
-//         the epilogue multiplies the row's fp32 sum by its scale (it factors out of the sum);
+//   INT8  int8 per output row with a bf16 scale per row: converted exactly to bf16 in shared memory,
+//         the row's fp32 sum multiplied by its scale in the epilogue (it factors out of the sum);
 //   INT4  two per byte (low nibble first) with a bf16 scale and a uint8 zero point per row and group
-//         of `group` inputs: the main loop dequantises (q - zero) * scale into the bf16 tile.
-// Only load_weight_tile() and the epilogue's row scale differ between the formats.
+//         of `group` inputs: (q - zero) * scale in fp32, rounded to bf16 (as quant.dequantize_int4).
+// Only the weight tile's loader and converter, and the epilogue's row scale, differ between them.
 
 // Only the ATen headers it needs (not torch/extension.h): a quarter of the compile time.
 #include <ATen/core/Tensor.h>
@@ -47,11 +57,22 @@ using namespace nvcuda;
 
 namespace {
 
-constexpr int BM = 64;   // rows (token assignments) per chunk
-constexpr int BN = 64;   // output columns per block
-constexpr int BK = 32;   // reduction step
-constexpr int PAD = 8;   // shared-memory row padding (bf16 elements) against bank conflicts
-constexpr int WARPS = 4; // each warp owns 16 output columns and all BM rows
+constexpr int BM = 64;              // rows (token assignments) per chunk
+constexpr int BN = 64;              // output columns per block
+constexpr int BK = 64;              // reduction step: one tile of the ring
+constexpr int STAGES = 3;           // tiles in flight: STAGES-1 ahead of the one being used
+constexpr int WARPS = 4;            // each warp owns 16 output columns and all BM rows
+constexpr int THREADS = 32 * WARPS;
+constexpr int LD = BK + 8;          // bf16 tile row stride (elements): 144 bytes, 16-byte aligned, no bank conflicts
+constexpr int OUT_LD = BN + 4;      // fp32 epilogue tile row stride
+
+enum Format { BF16 = 0, INT8 = 1, INT4 = 2 };
+
+// Bytes of one weight row within one BK tile as stored, and the number of 16-byte chunks.
+template <int FMT> struct Stored {
+  static constexpr int bytes = FMT == BF16 ? BK * 2 : FMT == INT8 ? BK : BK / 2;
+  static constexpr int chunks = bytes / 16;
+};
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
@@ -61,20 +82,15 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(k0 * (x + k1 * x * x * x)));
 }
 
-// Copy a [rows x BK] bf16 tile (row stride ld) into shared memory, 16-byte vectors; rows >= valid
-// are zero. Used for the activations.
-__device__ __forceinline__ void load_rows(__nv_bfloat16 (*dst)[BK + PAD], const __nv_bfloat16* src,
-                                          const int* row_index, int rows, int valid, int64_t ld, int k0) {
-  constexpr int VEC = 8;  // 8 bf16 = 16 bytes
-  for (int i = threadIdx.x; i < rows * (BK / VEC); i += blockDim.x) {
-    int r = i / (BK / VEC), c = (i % (BK / VEC)) * VEC;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < valid) v = *reinterpret_cast<const uint4*>(src + (int64_t)row_index[r] * ld + k0 + c);
-    *reinterpret_cast<uint4*>(&dst[r][c]) = v;
-  }
+// cp.async: a 16-byte copy global -> shared that the thread does not wait for; with pred false
+// the 16 bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(n));
 }
-
-enum Format { BF16 = 0, INT8 = 1, INT4 = 2 };
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // One weight matrix in any format. Row r holds input k at: bf16/int8 w[r * K + k], int4 byte
 // w[r * K/2 + k/2] (nibble k % 2); int4 scale/zero at [r * K/group + k/group]; int8 scale at [r].
@@ -86,34 +102,63 @@ struct Weights {
   int group;
 };
 
-// The weight tile: BN rows of W from row `row0`, inputs k0..k0+BK, as bf16 in shared memory.
+// Stage loader for BM activation rows (bf16, row stride ld elements, rows >= valid zero).
+__device__ __forceinline__ void issue_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, const int* row_index,
+                                           int valid, int64_t ld, int k0) {
+#pragma unroll
+  for (int j = 0; j < BM * (BK / 8) / THREADS; ++j) {
+    const int i = threadIdx.x + j * THREADS, r = i / (BK / 8), c = (i % (BK / 8)) * 8;
+    const bool ok = r < valid;
+    const __nv_bfloat16* g = ok ? src + (int64_t)row_index[r] * ld + k0 + c : src;
+    cp_async16(dst + r * LD + c, g, ok);
+  }
+}
+
+// Stage loader for BN weight rows from row0, inputs k0..k0+BK, as stored (bf16 straight into the
+// bf16 tile; int8/int4 raw bytes into the stage's raw buffer).
 template <int FMT>
-__device__ __forceinline__ void load_weight_tile(__nv_bfloat16 (*dst)[BK + PAD], const Weights& W, int64_t row0, int k0) {
-  constexpr int VEC = 8;  // 8 weights per thread per step
-  for (int i = threadIdx.x; i < BN * (BK / VEC); i += blockDim.x) {
-    int r = i / (BK / VEC), c = (i % (BK / VEC)) * VEC;
-    int64_t row = row0 + r;
-    if constexpr (FMT == BF16) {
-      *reinterpret_cast<uint4*>(&dst[r][c]) =
-          *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(W.w) + row * W.K + k0 + c);
-    } else if constexpr (FMT == INT8) {
-      const int8_t* q = static_cast<const int8_t*>(W.w) + row * W.K + k0 + c;
-      int2 raw = *reinterpret_cast<const int2*>(q);  // 8 x int8
-      const int8_t* b = reinterpret_cast<const int8_t*>(&raw);
+__device__ __forceinline__ void issue_weights(unsigned char* dst, const Weights& W, int64_t row0, int k0) {
+  constexpr int CH = Stored<FMT>::chunks;
+  const int64_t row_bytes = FMT == BF16 ? W.K * 2 : FMT == INT8 ? W.K : W.K / 2;
+  const int64_t k_bytes = FMT == BF16 ? (int64_t)k0 * 2 : FMT == INT8 ? k0 : k0 / 2;
+  const unsigned char* base = static_cast<const unsigned char*>(W.w);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) dst[r][c + j] = __float2bfloat16((float)b[j]);  // exact: |q| <= 127
-    } else {  // INT4
-      const uint8_t* q = static_cast<const uint8_t*>(W.w) + row * (W.K / 2) + (k0 + c) / 2;
-      uint32_t raw = *reinterpret_cast<const uint32_t*>(q);  // 8 x int4
-      int64_t g = row * (W.K / W.group);
+  for (int j = 0; j < (BN * CH + THREADS - 1) / THREADS; ++j) {
+    const int i = threadIdx.x + j * THREADS;
+    if (BN * CH % THREADS == 0 || i < BN * CH) {
+      const int r = i / CH, c = i % CH;
+      unsigned char* d = FMT == BF16 ? dst + (r * LD + c * 8) * 2 : dst + r * Stored<FMT>::bytes + c * 16;
+      cp_async16(d, base + (row0 + r) * row_bytes + k_bytes + c * 16, true);
+    }
+  }
+}
+
+// int8 / int4: the stage's raw bytes -> the bf16 tile (BN rows x BK). int8 exactly (its scale is
+// applied in the epilogue); int4 as (q - zero) * scale rounded to bf16, one scale/zero per 8 weights.
+template <int FMT>
+__device__ __forceinline__ void convert(__nv_bfloat16* tile, const unsigned char* raw, const Weights& W, int64_t row0,
+                                        int k0) {
+  if constexpr (FMT == INT8) {
+    for (int i = threadIdx.x; i < BN * (BK / 8); i += THREADS) {  // 8 weights a thread-step
+      const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
+      const int2 q = *reinterpret_cast<const int2*>(raw + r * BK + c);
+      const int8_t* b = reinterpret_cast<const int8_t*>(&q);
+      __align__(16) __nv_bfloat16 out[8];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        int k = k0 + c + j;
-        float s = __bfloat162float(W.scale[g + k / W.group]);
-        float z = (float)W.zero[g + k / W.group];
-        float v = (float)((raw >> (4 * j)) & 15u);
-        dst[r][c + j] = __float2bfloat16((v - z) * s);
-      }
+      for (int j = 0; j < 8; ++j) out[j] = __float2bfloat16((float)b[j]);  // exact: |q| <= 127
+      *reinterpret_cast<uint4*>(tile + r * LD + c) = *reinterpret_cast<const uint4*>(out);
+    }
+  } else if constexpr (FMT == INT4) {
+    const int groups = W.K / W.group;
+    for (int i = threadIdx.x; i < BN * (BK / 8); i += THREADS) {  // 8 weights (4 bytes) a thread-step
+      const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
+      const int64_t g = (row0 + r) * groups + (k0 + c) / W.group;  // group % 8 == 0: one group for all 8
+      const float s = __bfloat162float(W.scale[g]), z = (float)W.zero[g];
+      const uint32_t q = *reinterpret_cast<const uint32_t*>(raw + r * (BK / 2) + c / 2);
+      __align__(16) __nv_bfloat16 out[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) out[j] = __float2bfloat16(((float)((q >> (4 * j)) & 15u) - z) * s);
+      *reinterpret_cast<uint4*>(tile + r * LD + c) = *reinterpret_cast<const uint4*>(out);
     }
   }
 }
@@ -125,137 +170,174 @@ __device__ __forceinline__ float row_scale(const Weights& W, int64_t row) {
   return 1.f;
 }
 
-// Step 1: h[a, n] = gelu(x[tok(a)] . gate[e, n]) * (x[tok(a)] . up[e, n]) for the rows a of expert e.
-template <int FMT>
-__global__ void gate_up_kernel(const __nv_bfloat16* __restrict__ x,        // (T, D)
-                               const Weights gate_up,                      // (E, 2I, D)
-                               const int* __restrict__ sorted_token,       // (A,) token of sorted row
-                               const int* __restrict__ offsets,            // (E + 1,)
-                               __nv_bfloat16* __restrict__ h,              // (A, I) sorted order
-                               int D, int I) {
-  // the operand tiles and the fp32 epilogue tile are never live together: they share the memory
-  constexpr int TILE_BYTES = (BM + 2 * BN) * (BK + PAD) * 2, OUT_BYTES = 2 * BM * (BN + 4) * 4;
-  __shared__ __align__(128) unsigned char smem[TILE_BYTES > OUT_BYTES ? TILE_BYTES : OUT_BYTES];
-  auto sX = reinterpret_cast<__nv_bfloat16 (*)[BK + PAD]>(smem);
-  auto sG = reinterpret_cast<__nv_bfloat16 (*)[BK + PAD]>(smem + BM * (BK + PAD) * 2);
-  auto sU = reinterpret_cast<__nv_bfloat16 (*)[BK + PAD]>(smem + (BM + BN) * (BK + PAD) * 2);
-  auto sOut = reinterpret_cast<float (*)[BM][BN + 4]>(smem);
+// Shared memory of a block with `mats` weight matrices (1 or 2): STAGES x (activation tile +
+// weight tiles as stored), then (int8/int4 only) one bf16 tile per matrix for the converted weights.
+template <int FMT> struct Smem {
+  static constexpr int act = BM * LD * 2;
+  static constexpr int stored = FMT == BF16 ? BN * LD * 2 : BN * Stored<FMT>::bytes;
+  static constexpr int converted = FMT == BF16 ? 0 : BN * LD * 2;
+  static constexpr int stage(int mats) { return act + mats * stored; }
+  static constexpr int total(int mats) {
+    const int main = STAGES * stage(mats) + mats * converted;
+    const int epilogue = mats * BM * OUT_LD * 4;  // the fp32 result tile(s), after the main loop
+    return main > epilogue ? main : epilogue;
+  }
+};
 
-  const int e = blockIdx.y, n0 = blockIdx.x * BN, warp = threadIdx.x / 32;
-  const int row_begin = offsets[e], row_end = offsets[e + 1];
-  const int64_t g_row0 = (int64_t)e * 2 * I + n0, u_row0 = g_row0 + I;  // gate rows, then up rows
+// The K loop both kernels share: acc[m][mat] += A(rows) . W_mat(cols)^T over k = 0..K, with the
+// cp.async ring. A rows come from `act` (bf16, ld, through row_index); MATS weight matrices start
+// at rows row0[mat].
+template <int FMT, int MATS>
+__device__ __forceinline__ void mainloop(unsigned char* smem, const __nv_bfloat16* act, const int* row_index,
+                                         int valid, int64_t ld, const Weights& W, const int64_t (&row0)[MATS], int K,
+                                         wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[BM / 16][MATS]) {
+  using S = Smem<FMT>;
+  const int warp = threadIdx.x / 32, KT = K / BK;
+  auto stage_act = [&](int s) { return reinterpret_cast<__nv_bfloat16*>(smem + s * S::stage(MATS)); };
+  auto stage_w = [&](int s, int m) { return smem + s * S::stage(MATS) + S::act + m * S::stored; };
+  auto tile = [&](int s, int m) {  // the bf16 weight tile the tensor cores read
+    return FMT == BF16 ? reinterpret_cast<__nv_bfloat16*>(stage_w(s, m))
+                       : reinterpret_cast<__nv_bfloat16*>(smem + STAGES * S::stage(MATS) + m * S::converted);
+  };
+  auto issue = [&](int kt) {
+    const int s = kt % STAGES;
+    issue_rows(stage_act(s), act, row_index, valid, ld, kt * BK);
+#pragma unroll
+    for (int m = 0; m < MATS; ++m) issue_weights<FMT>(stage_w(s, m), W, row0[m], kt * BK);
+  };
+#pragma unroll
+  for (int i = 0; i < BM / 16; ++i)
+#pragma unroll
+    for (int m = 0; m < MATS; ++m) wmma::fill_fragment(acc[i][m], 0.f);
 
-  for (int m0 = row_begin; m0 < row_end; m0 += BM) {  // usually a single chunk
-    const int valid = min(BM, row_end - m0);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_g[BM / 16], acc_u[BM / 16];
-    for (int i = 0; i < BM / 16; ++i) { wmma::fill_fragment(acc_g[i], 0.f); wmma::fill_fragment(acc_u[i], 0.f); }
-    for (int k0 = 0; k0 < D; k0 += BK) {
-      load_rows(sX, x, sorted_token + m0, BM, valid, D, k0);
-      load_weight_tile<FMT>(sG, gate_up, g_row0, k0);
-      load_weight_tile<FMT>(sU, gate_up, u_row0, k0);
-      __syncthreads();  // tiles complete before any warp reads them
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> bg, bu;
-        wmma::load_matrix_sync(bg, &sG[warp * 16][kk], BK + PAD);  // W^T as column-major
-        wmma::load_matrix_sync(bu, &sU[warp * 16][kk], BK + PAD);
-        for (int i = 0; i < BM / 16; ++i) {
-          if (i * 16 >= valid) break;  // rows past the expert's count hold zeros: skip them
+  // prologue: STAGES-1 tiles in flight (a group is committed even when empty: the counts stay aligned)
+#pragma unroll
+  for (int kt = 0; kt < STAGES - 1; ++kt) {
+    if (kt < KT) issue(kt);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's part of it)
+    __syncthreads();              // ... everyone's part; and everyone is done with tile kt-1's buffers
+    if (kt + STAGES - 1 < KT) issue(kt + STAGES - 1);  // into the buffer tile kt-1 used
+    cp_async_commit();
+    const int s = kt % STAGES;
+    if constexpr (FMT != BF16) {
+#pragma unroll
+      for (int m = 0; m < MATS; ++m) convert<FMT>(tile(s, m), stage_w(s, m), W, row0[m], kt * BK);
+      __syncthreads();  // the converted tiles are complete before any warp reads them
+    }
+    const __nv_bfloat16* A = stage_act(s);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[MATS];
+#pragma unroll
+      for (int m = 0; m < MATS; ++m) wmma::load_matrix_sync(b[m], tile(s, m) + warp * 16 * LD + kk, LD);  // W^T
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) {
+        if (i * 16 < valid) {  // row tiles past the expert's count hold zeros: skip them
           wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-          wmma::load_matrix_sync(a, &sX[i * 16][kk], BK + PAD);
-          wmma::mma_sync(acc_g[i], a, bg, acc_g[i]);
-          wmma::mma_sync(acc_u[i], a, bu, acc_u[i]);
+          wmma::load_matrix_sync(a, A + i * 16 * LD + kk, LD);
+#pragma unroll
+          for (int m = 0; m < MATS; ++m) wmma::mma_sync(acc[i][m], a, b[m], acc[i][m]);
         }
       }
-      __syncthreads();  // everyone done with the tiles before the next load overwrites them
     }
-    // epilogue: gelu_tanh(gate) * up, rounded to bf16 where the plain path's tensors are
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is drained and read: the epilogue may reuse the memory
+}
+
+// Step 1: h[a, n] = bf16(gelu(bf16(x[tok(a)] . gate[e, n]))) * bf16(x[tok(a)] . up[e, n]), rows a of expert e.
+template <int FMT>
+__global__ void __launch_bounds__(THREADS) gate_up_kernel(const __nv_bfloat16* __restrict__ x,  // (T, D)
+                                                          const Weights gate_up,                // (E, 2I, D)
+                                                          const int* __restrict__ sorted_token, // (A,)
+                                                          const int* __restrict__ offsets,      // (E + 1,)
+                                                          __nv_bfloat16* __restrict__ h,        // (A, I)
+                                                          int D, int I) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int e = blockIdx.y, n0 = blockIdx.x * BN, warp = threadIdx.x / 32;
+  const int row_begin = offsets[e], row_end = offsets[e + 1];
+  const int64_t rows[2] = {(int64_t)e * 2 * I + n0, (int64_t)e * 2 * I + I + n0};  // gate rows, up rows
+  auto out = reinterpret_cast<float(*)[BM][OUT_LD]>(smem);  // [gate | up][BM][OUT_LD]
+  for (int m0 = row_begin; m0 < row_end; m0 += BM) {  // usually a single chunk
+    const int valid = min(BM, row_end - m0);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BM / 16][2];
+    mainloop<FMT, 2>(smem, x, sorted_token + m0, valid, D, gate_up, rows, D, acc);
+#pragma unroll
     for (int i = 0; i < BM / 16; ++i) {
-      wmma::store_matrix_sync(&sOut[0][i * 16][warp * 16], acc_g[i], BN + 4, wmma::mem_row_major);
-      wmma::store_matrix_sync(&sOut[1][i * 16][warp * 16], acc_u[i], BN + 4, wmma::mem_row_major);
+      wmma::store_matrix_sync(&out[0][i * 16][warp * 16], acc[i][0], OUT_LD, wmma::mem_row_major);
+      wmma::store_matrix_sync(&out[1][i * 16][warp * 16], acc[i][1], OUT_LD, wmma::mem_row_major);
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < valid * BN; i += blockDim.x) {
-      int r = i / BN, c = i % BN;
-      float g = bf16_round(sOut[0][r][c] * row_scale<FMT>(gate_up, g_row0 + c));
-      float u = bf16_round(sOut[1][r][c] * row_scale<FMT>(gate_up, u_row0 + c));
+    __syncthreads();  // the result tiles are complete
+    for (int i = threadIdx.x; i < valid * BN; i += THREADS) {
+      const int r = i / BN, c = i % BN;
+      const float g = bf16_round(out[0][r][c] * row_scale<FMT>(gate_up, rows[0] + c));
+      const float u = bf16_round(out[1][r][c] * row_scale<FMT>(gate_up, rows[1] + c));
       h[(int64_t)(m0 + r) * I + n0 + c] = __float2bfloat16(bf16_round(gelu_tanh(g)) * u);
     }
-    __syncthreads();
+    __syncthreads();  // the result tiles are read before the next chunk's ring overwrites them
   }
 }
 
-// Step 2: out[a, n] = w[a] * bf16(h[a] . down[e, n]) in fp32, at a's original index, for the rows
-// a of expert e.
+// Step 2: out[a, n] = w[a] * bf16(h[a] . down[e, n]) in fp32, at a's original index, rows a of expert e.
 template <int FMT>
-__global__ void down_kernel(const __nv_bfloat16* __restrict__ h,       // (A, I) sorted order
-                            const Weights down,                        // (E, D, I)
-                            const int* __restrict__ sorted_assign,     // (A,) original index t*K + s
-                            const float* __restrict__ sorted_weight,   // (A,)
-                            const int* __restrict__ offsets,           // (E + 1,)
-                            float* __restrict__ out,                   // (A, D) fp32
-                            int D, int I) {
-  __shared__ __align__(128) __nv_bfloat16 sH[BM][BK + PAD];
-  __shared__ __align__(128) __nv_bfloat16 sW[BN][BK + PAD];
-  __shared__ __align__(128) float sOut[BM][BN + 4];
-  __shared__ int sRow[BM];
-
+__global__ void __launch_bounds__(THREADS) down_kernel(const __nv_bfloat16* __restrict__ h,      // (A, I)
+                                                       const Weights down,                       // (E, D, I)
+                                                       const int* __restrict__ sorted_assign,    // (A,) t*K + s
+                                                       const float* __restrict__ sorted_weight,  // (A,)
+                                                       const int* __restrict__ offsets,          // (E + 1,)
+                                                       float* __restrict__ out,                  // (A, D)
+                                                       int D, int I) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int rows_of_h[BM];  // h is already in sorted order: row r of the chunk is h[m0 + r]
   const int e = blockIdx.y, n0 = blockIdx.x * BN, warp = threadIdx.x / 32;
   const int row_begin = offsets[e], row_end = offsets[e + 1];
-  const int64_t row0 = (int64_t)e * D + n0;
-
+  const int64_t rows[1] = {(int64_t)e * D + n0};
+  auto res = reinterpret_cast<float(*)[OUT_LD]>(smem);
   for (int m0 = row_begin; m0 < row_end; m0 += BM) {
     const int valid = min(BM, row_end - m0);
-    for (int i = threadIdx.x; i < BM; i += blockDim.x) sRow[i] = m0 + i;  // h is already sorted
-    __syncthreads();
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BM / 16];
-    for (int i = 0; i < BM / 16; ++i) wmma::fill_fragment(acc[i], 0.f);
-    for (int k0 = 0; k0 < I; k0 += BK) {
-      load_rows(sH, h, sRow, BM, valid, I, k0);
-      load_weight_tile<FMT>(sW, down, row0, k0);
-      __syncthreads();
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-        wmma::load_matrix_sync(b, &sW[warp * 16][kk], BK + PAD);
-        for (int i = 0; i < BM / 16; ++i) {
-          if (i * 16 >= valid) break;
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-          wmma::load_matrix_sync(a, &sH[i * 16][kk], BK + PAD);
-          wmma::mma_sync(acc[i], a, b, acc[i]);
-        }
-      }
-      __syncthreads();
-    }
+    for (int i = threadIdx.x; i < BM; i += THREADS) rows_of_h[i] = m0 + i;
+    __syncthreads();  // the row list is written before the loaders read it
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BM / 16][1];
+    mainloop<FMT, 1>(smem, h, rows_of_h, valid, I, down, rows, I, acc);
+#pragma unroll
     for (int i = 0; i < BM / 16; ++i)
-      wmma::store_matrix_sync(&sOut[i * 16][warp * 16], acc[i], BN + 4, wmma::mem_row_major);
-    __syncthreads();
-    // epilogue: the routing weight in fp32 on the bf16 expert output; one write per element
-    for (int i = threadIdx.x; i < valid * BN; i += blockDim.x) {
-      int r = i / BN, c = i % BN;
+      wmma::store_matrix_sync(&res[i * 16][warp * 16], acc[i][0], OUT_LD, wmma::mem_row_major);
+    __syncthreads();  // the result tile is complete
+    // the routing weight in fp32 on the bf16 expert output; one write per element
+    for (int i = threadIdx.x; i < valid * BN; i += THREADS) {
+      const int r = i / BN, c = i % BN;
       out[(int64_t)sorted_assign[m0 + r] * D + n0 + c] =
-          sorted_weight[m0 + r] * bf16_round(sOut[r][c] * row_scale<FMT>(down, row0 + c));
+          sorted_weight[m0 + r] * bf16_round(res[r][c] * row_scale<FMT>(down, rows[0] + c));
     }
-    __syncthreads();
+    __syncthreads();  // read before the next chunk reuses the memory and the row list
   }
 }
 
 }  // namespace
 
-Weights weights_of(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int fmt,
-                   int64_t K, int group) {
+static Weights weights_of(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int fmt, int64_t K,
+                          int group) {
   return Weights{w.data_ptr(), fmt == BF16 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
                  fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group};
 }
 
 template <int FMT>
-void launch(const at::Tensor& x, const Weights& gu, const Weights& dn, const at::Tensor& sorted_token,
-            const at::Tensor& sorted_assign, const at::Tensor& sorted_weight, const at::Tensor& offsets,
-            at::Tensor& h, at::Tensor& out, int E, int D, int I) {
+static void launch(const at::Tensor& x, const Weights& gu, const Weights& dn, const at::Tensor& sorted_token,
+                   const at::Tensor& sorted_assign, const at::Tensor& sorted_weight, const at::Tensor& offsets,
+                   at::Tensor& h, at::Tensor& out, int E, int D, int I) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  gate_up_kernel<FMT><<<dim3(I / BN, E), 32 * WARPS, 0, stream>>>(
+  constexpr int smem_gu = Smem<FMT>::total(2), smem_dn = Smem<FMT>::total(1);
+  // more than the default 48 KB of dynamic shared memory: opt in (legal during graph capture too)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(gate_up_kernel<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_gu));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(down_kernel<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dn));
+  gate_up_kernel<FMT><<<dim3(I / BN, E), THREADS, smem_gu, stream>>>(
       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), gu, sorted_token.data_ptr<int>(), offsets.data_ptr<int>(),
       reinterpret_cast<__nv_bfloat16*>(h.data_ptr()), D, I);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  down_kernel<FMT><<<dim3(D / BN, E), 32 * WARPS, 0, stream>>>(
+  down_kernel<FMT><<<dim3(D / BN, E), THREADS, smem_dn, stream>>>(
       reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), dn, sorted_assign.data_ptr<int>(),
       sorted_weight.data_ptr<float>(), offsets.data_ptr<int>(), out.data_ptr<float>(), D, I);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -284,7 +366,7 @@ at::Tensor fused_moe(at::Tensor x, at::Tensor sorted_token, at::Tensor sorted_as
   TORCH_CHECK(sorted_weight.scalar_type() == at::kFloat && sorted_weight.is_contiguous(), "weights: fp32");
   const auto want = fmt == BF16 ? at::kBFloat16 : fmt == INT8 ? at::kChar : at::kByte;
   TORCH_CHECK(gate_up.scalar_type() == want && down.scalar_type() == want, "weight dtype does not match fmt");
-  const int64_t T = x.size(0), D = x.size(1), E = gate_up.size(0), A = sorted_token.numel();
+  const int64_t D = x.size(1), E = gate_up.size(0), A = sorted_token.numel();
   const int64_t packed = fmt == INT4 ? 2 : 1;  // int4 packs two inputs a byte
   TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) * packed == D && down.size(0) == E && down.size(1) == D &&
               down.size(2) * packed == I, "shapes disagree: gate_up (E, 2I, D), down (E, D, I)");
@@ -314,6 +396,5 @@ at::Tensor fused_moe(at::Tensor x, at::Tensor sorted_token, at::Tensor sorted_as
     else if (fmt == INT8) launch<INT8>(x, gu, dn, sorted_token, sorted_assign, sorted_weight, offsets, h, out, E, D, I);
     else launch<INT4>(x, gu, dn, sorted_token, sorted_assign, sorted_weight, offsets, h, out, E, D, I);
   }
-  (void)T;
   return out;
 }
