@@ -111,15 +111,6 @@ def causal_mask(cache: KVCache, layer_idx: int, n_new: int, sliding_window: int 
     return mask
 
 
-def canvas_valid(cache: KVCache, layer_idx: int) -> torch.Tensor | None:
-    """(B, T_cache) bool: which cached keys of this layer a denoising pass may see; None when
-    nothing is padded (the canvas attends to everything)."""
-    if not cache.has_padding:
-        return None
-    first = cache.first_cached_position(layer_idx)
-    return cache.valid[:, first: cache.length]
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T) v with scale 1.0. q (B, H, S, d), k/v (B, Hkv, T, d) -> (B, H, S, d).
 
@@ -187,7 +178,7 @@ class Attention(nn.Module):
 
         causal: mask (B or 1, 1, S, T) over [what the cache shows ; x]; appends x's K/V to the cache
                 (layer_cache None: attend within x only, as training does).
-        canvas: mask is the (B, T_cache) `valid` of canvas_valid, or None; the cache is only read.
+        canvas: mask is the (B, T_cache) `valid` of KVCache.canvas_valid, or None; the cache is only read.
         """
         B, S, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)

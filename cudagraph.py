@@ -1,14 +1,20 @@
-"""The denoising step captured in a CUDA graph: sampler.denoise_canvas without launch overhead.
+"""The denoising step as one CUDA graph for a whole generation: sampler.denoise_canvas without launch
+overhead.
 
-A denoising step launches some thousand small kernels (30 layers of norms, projections, routing,
+A denoising step launches a few thousand small kernels (30 layers of norms, projections, routing,
 experts, attention, then the sampler's passes over the logits). Replaying them as one CUDA graph
-removes the per-launch cost on the host. Within one canvas everything the step reads has a fixed
-address: the KV cache (only read while denoising), the masks and the pinned positions; the canvas,
-the self-conditioning logits, the argmax history and the step number live in static buffers that
-each replay reads and rewrites. The graph is captured once per canvas, after the commit that
-changed the cache; its first step runs eagerly (it has no self-conditioning yet and warms up the
-kernels). The step never waits for the GPU; the host reads one flag per step, the stop rule. NaN
-logits are caught once per canvas (a flag the graph accumulates), not per step.
+removes the per-launch cost on the host. A graph replays fixed kernels on fixed addresses, so
+everything a step reads lives in buffers made once per generation:
+  - the KV cache is a kvcache.StaticKVCache (new_cache makes it): causal passes write into it in place
+    and the step computes its positions and masks from the cache's length on the device;
+  - the canvas, the argmax, the self-conditioning logits, the finished rows, the argmax history,
+    the pinned positions and the step number are static buffers that each replay reads and rewrites;
+  - the first step of a canvas has no previous logits: a device 0/1 gate on the soft embedding
+    (model.forward_canvas's sc_gate) makes it the same graph.
+So the graph is captured once, on the first canvas (after a warm-up on a side stream, as the PyTorch
+docs advise), and replayed for every step of every canvas. The step never waits for the GPU; the
+host reads one flag per step, the stop rule. NaN logits are caught once per canvas (a flag the graph
+accumulates). A cache that is not static (a chat's, which rolls back) runs the steps eagerly.
 
 Needs the CUDA kernels (the plain MoE groups tokens on the host) and a CUDA device.
 
@@ -19,7 +25,8 @@ Needs the CUDA kernels (the plain MoE groups tokens on the host) and a CUDA devi
 
 import torch
 
-from sampler import DenoiseState, NonFiniteLogits, SamplerSettings, sampler_step
+from kvcache import StaticKVCache
+from sampler import DenoiseState, NonFiniteLogits, SamplerSettings, denoise_canvas, sampler_step
 
 
 def cuda_graph_capture(body, pool):
@@ -37,71 +44,96 @@ def cuda_graph_capture(body, pool):
 
 
 class GraphedDenoiser:
-    """Callable with the signature of sampler.denoise_canvas.
+    """Callable with the signature of sampler.denoise_canvas; block_diffusion asks it for its cache.
 
     capture(body, pool) -> an object with replay(): cuda_graph_capture by default; tests pass a
     stand-in that runs body() eagerly at every replay, to check the state handling on the CPU.
+    stats: the fused sampler pass (sampler.sampler_step). use_graph=False: the same fixed cache, the
+    steps run eagerly (what the graph is checked against: the two give the same tokens).
     """
 
-    def __init__(self, capture=cuda_graph_capture, stats=None):
-        self.capture, self.stats = capture, stats  # stats: the fused sampler pass (sampler.sampler_step)
-        self.pool = None  # one memory pool shared by the graphs of successive canvases
+    def __init__(self, capture=cuda_graph_capture, stats=None, use_graph: bool = True):
+        self.capture, self.stats, self.use_graph = capture, stats, use_graph
+        self.pool = None  # one memory pool for the graphs of successive generations
+        self.cache = None  # the generation the current graph belongs to
+        self.captures = 0
+
+    def new_cache(self, model, batch: int, capacity: int) -> StaticKVCache:
+        """The KV cache of a generation: fixed buffers for `capacity` tokens (prompt and canvases)."""
+        c = model.config  # the sizes the layers have (a rank of distributed.py holds some of the heads)
+        shapes = [(batch, layer.self_attn.n_kv_heads, layer.self_attn.head_dim) for layer in model.layers]
+        return StaticKVCache(c.layer_types, c.sliding_window, shapes, capacity, model.dtype, model.device)
 
     def __call__(self, model, cache, state: DenoiseState, s: SamplerSettings, pinned=None, pinned_tokens=None,
                  on_step=None) -> tuple[DenoiseState, int]:
-        dtype = model.dtype
-        valids = model.canvas_valids(cache)  # fixed for the whole canvas
+        if not self.use_graph or not isinstance(cache, StaticKVCache):
+            return denoise_canvas(model, cache, state, s, pinned, pinned_tokens, on_step, stats=self.stats)
+        if self.cache is not cache:  # the first canvas of a generation: buffers and the graph
+            self.setup(model, cache, state, s)
+        st = self.static
+        # a new canvas: the random canvas, no previous logits, nothing finished, no history, its pins
+        st.canvas.copy_(state.canvas)
+        st.argmax.copy_(state.argmax)
+        st.sc_logits.zero_()
+        st.finished.zero_()
+        if st.history is not None:
+            st.history.fill_(-1)
+        self.pinned.copy_(pinned if pinned is not None else torch.zeros_like(self.pinned))
+        self.pinned_tokens.copy_(pinned_tokens if pinned_tokens is not None else torch.zeros_like(self.pinned_tokens))
+        self.nonfinite.zero_()
+        steps = 0
+        for step in range(s.max_steps, 0, -1):
+            self.step_t.fill_(step)
+            self.sc_gate.fill_(0 if step == s.max_steps else 1)
+            self.graph.replay()
+            steps += 1
+            if on_step is not None:
+                on_step(step, st)
+            if bool(st.finished.all()):  # the one host read per step: the stop rule
+                break
+        if bool(self.nonfinite):
+            raise NonFiniteLogits(-1, None)
+        # copies: the buffers are the next canvas's
+        return DenoiseState(*(None if t is None else t.clone() for t in (
+            st.canvas, st.argmax, st.sc_logits, st.finished, st.history, st.accepted, st.entropy))), steps
 
-        # step 1, eagerly: no self-conditioning yet; it also starts the argmax history
-        raw = model.forward_canvas(state.canvas, cache, None, valids)
-        state = sampler_step(state, raw, s.max_steps, s, dtype, pinned, pinned_tokens, stats=self.stats)
-        del raw
-        steps = 1
-        if on_step is not None:
-            on_step(s.max_steps, state)
-        if s.max_steps == 1 or bool(state.finished.all()):
-            return state, steps
-
-        # static buffers that each replay reads and rewrites (history is None without a stop rule)
-        static = DenoiseState(*(None if t is None else t.clone() for t in (
-            state.canvas, state.argmax, state.sc_logits, state.finished, state.history, state.accepted,
-            state.entropy)))
+    def setup(self, model, cache: StaticKVCache, state: DenoiseState, s: SamplerSettings) -> None:
+        """Static buffers for this generation, and the step recorded once."""
+        B, C = state.canvas.shape
+        V, device, dtype = model.config.vocab_size, state.canvas.device, model.dtype
+        keep_history = s.confidence_threshold is not None and s.stability_threshold > 0
+        st = self.static = DenoiseState(
+            canvas=state.canvas.clone(), argmax=state.argmax.clone(),
+            sc_logits=torch.zeros(B, C, V, dtype=dtype, device=device),
+            finished=torch.zeros(B, dtype=torch.bool, device=device),
+            history=torch.full((s.stability_threshold, B, C), -1, dtype=torch.long, device=device)
+            if keep_history else None,
+            accepted=torch.zeros(B, C, dtype=torch.bool, device=device),
+            entropy=torch.zeros(B, C, dtype=torch.float32, device=device))
+        self.pinned = torch.zeros(B, C, dtype=torch.bool, device=device)  # all False: no pins
+        self.pinned_tokens = torch.zeros(B, C, dtype=torch.long, device=device)
+        self.step_t = torch.tensor(s.max_steps, dtype=torch.int32, device=device)
+        self.sc_gate = torch.zeros((), dtype=dtype, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         names = [n for n in ("canvas", "argmax", "sc_logits", "finished", "history", "accepted", "entropy")
-                 if getattr(static, n) is not None]
-        device = state.canvas.device
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        step_t = torch.tensor(s.max_steps - 1, dtype=torch.int32, device=device)
+                 if getattr(st, n) is not None]
 
         def body():
-            raw = model.forward_canvas(static.canvas, cache, static.sc_logits, valids)
-            new = sampler_step(static, raw, step_t, s, dtype, pinned, pinned_tokens, sync_free=True, stats=self.stats)
+            raw = model.forward_canvas(st.canvas, cache, st.sc_logits, sc_gate=self.sc_gate)  # masks from the device length
+            new = sampler_step(st, raw, self.step_t, s, dtype, self.pinned, self.pinned_tokens, sync_free=True,
+                               stats=self.stats)
             for name in names:
-                getattr(static, name).copy_(getattr(new, name))
-            nonfinite.logical_or_(~torch.isfinite(new.entropy).all())
+                getattr(st, name).copy_(getattr(new, name))
+            self.nonfinite.logical_or_(~torch.isfinite(new.entropy).all())
 
         if self.pool is None and self.capture is cuda_graph_capture:
             self.pool = torch.cuda.graph_pool_handle()
-        # the warm-up run writes the buffers and draws random numbers: undo both, so that the replays
-        # draw what the eager loop would
-        snapshot = [getattr(static, n).clone() for n in names]
+        # the warm-up run writes the buffers and draws random numbers: both are reset before the replays
         rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-        graph = self.capture(body, self.pool)
+        self.graph = self.capture(body, self.pool)
         if device.type == "cuda":
             torch.cuda.set_rng_state(rng, device)
         else:
             torch.set_rng_state(rng)
-        for name, saved in zip(names, snapshot):
-            getattr(static, name).copy_(saved)
-        nonfinite.zero_()
-        for step in range(s.max_steps - 1, 0, -1):
-            step_t.fill_(step)
-            graph.replay()
-            steps += 1
-            if on_step is not None:
-                on_step(step, static)
-            if bool(static.finished.all()):  # the one host read per step: the stop rule
-                break
-        del graph
-        if bool(nonfinite):
-            raise NonFiniteLogits(-1, None)
-        return static, steps
+        self.cache = cache
+        self.captures += 1

@@ -15,7 +15,6 @@ as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
 """
 
 import argparse
-import functools
 import math
 import os
 import sys
@@ -152,13 +151,12 @@ def choose_fast_path(model, kernels: str = "auto", cuda_graph: bool = True) -> t
     step on top of them. Returns the denoise function for block_diffusion and the line announcing
     the choice ("kernels: cuda ✓ (...), cuda graph ✓" or "kernels: torch (why)")."""
     from cuda_kernels import sampler_stats, use_kernels
+    from cudagraph import GraphedDenoiser
     line = use_kernels(model, kernels)
     if not line.startswith("kernels: cuda"):
         return denoise_canvas, line
-    if cuda_graph:
-        from cudagraph import GraphedDenoiser
-        return GraphedDenoiser(stats=sampler_stats), line + ", fused sampler, cuda graph ✓"
-    return functools.partial(denoise_canvas, stats=sampler_stats), line + ", fused sampler"
+    return (GraphedDenoiser(stats=sampler_stats, use_graph=cuda_graph),
+            line + ", fused sampler" + (", cuda graph ✓" if cuda_graph else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +415,8 @@ def main(args: argparse.Namespace) -> int:
     if args.print_prompt:
         return print_prompt(args)
     model, tok = load_for(args)
-    denoise, line = choose_fast_path(model, args.kernels, not args.no_cuda_graph)
+    # no graph under torchrun: the experts of a rank pick their tokens with a host-side nonzero
+    denoise, line = choose_fast_path(model, args.kernels, not args.no_cuda_graph and not distributed.launched())
     quiet_default = args.kernels == "torch" and model.device.type != "cuda"  # nothing to choose on a CPU
     args.announce = None if args.quiet or quiet_default else line  # printed as generation starts
     torch.manual_seed(args.seed)

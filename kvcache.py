@@ -98,6 +98,18 @@ class KVCache:
         """Absolute position of the oldest token this layer shows."""
         return self.length - len(self.layers[layer_idx])
 
+    def positions(self, n: int, device) -> torch.Tensor:
+        """(1, n) positions of the next n tokens."""
+        return torch.arange(self.length, self.length + n, device=device)[None]
+
+    def canvas_valid(self, layer_idx: int) -> torch.Tensor | None:
+        """(B, T_cache) bool: which keys of this layer a denoising pass may see; None when nothing is
+        padded (the canvas attends to everything the layer shows)."""
+        if not self.has_padding:
+            return None
+        first = self.first_cached_position(layer_idx)
+        return self.valid[:, first: self.length]
+
     def rollback(self, n: int) -> None:
         """Forget the last n tokens, as if they had never been appended. Sliding layers can do so
         only while they keep n spare tokens beyond their window (the `spare` of the constructor)."""
@@ -110,3 +122,82 @@ class KVCache:
         self.length -= n
         if self.valid is not None:
             self.valid = self.valid[:, : self.length]
+
+
+class StaticLayerCache(LayerCache):
+    """A layer's keys and values in buffers made once, (B, Hkv, capacity, d): an append writes in
+    place, so the tensors keep their addresses and a CUDA graph can read them at every canvas."""
+
+    def __init__(self, window: int | None, k_buf: torch.Tensor, v_buf: torch.Tensor):
+        super().__init__(window)
+        self.k_buf, self.v_buf, self.count = k_buf, v_buf, 0
+
+    @property
+    def held(self) -> int:
+        return self.count
+
+    def __len__(self) -> int:
+        return self.count if self.window is None else min(self.count, self.window)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[2]
+        self.k_buf[:, :, self.count: self.count + n] = k
+        self.v_buf[:, :, self.count: self.count + n] = v
+        first = self.count - len(self)  # what a causal pass sees: the shown tokens, then the new ones
+        self.count += n
+        return self.k_buf[:, :, first: self.count], self.v_buf[:, :, first: self.count]
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers: StaticKVCache.canvas_valid hides what is not (or no longer) shown."""
+        return self.k_buf, self.v_buf
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose layers hold their tokens in buffers of a fixed capacity (a prompt and all the
+    canvases of a generation), with the length also kept on the device: a denoising pass reads
+    fixed-size tensors and computes its positions and masks from the device length, so one CUDA
+    graph serves every canvas of a generation (cudagraph.GraphedDenoiser). Causal passes run as
+    usual and write in place."""
+
+    def __init__(self, layer_types: list[str], sliding_window: int, shapes: list[tuple], capacity: int,
+                 dtype: torch.dtype, device):
+        self.capacity, self._length = capacity, 0
+        self.length_t = torch.zeros((), dtype=torch.long, device=device)
+        self.valid_buf = torch.ones(shapes[0][0], capacity, dtype=torch.bool, device=device)  # written in place
+        self.padded = False
+        super().__init__(layer_types, sliding_window)
+        self.layers = [StaticLayerCache(layer.window, torch.zeros(*s[:2], capacity, s[2], dtype=dtype, device=device),
+                                        torch.zeros(*s[:2], capacity, s[2], dtype=dtype, device=device))
+                       for layer, s in zip(self.layers, shapes)]  # shapes: per layer (B, Hkv, d)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if value > self.capacity:
+            raise ValueError(f"{value} tokens do not fit a cache made for {self.capacity}")
+        self._length = value
+        self.length_t.fill_(value)  # outside a graph: the graph reads it at each replay
+
+    def extend_valid(self, new_valid: torch.Tensor | None, batch_size: int, n_new: int, device) -> None:
+        if new_valid is not None:
+            self.valid_buf[:, self.length: self.length + n_new] = new_valid
+            self.padded = True
+        self.valid = self.valid_buf[:, : self.length + n_new] if self.padded else None
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        return (self.length_t + torch.arange(n, device=device))[None]
+
+    def canvas_valid(self, layer_idx: int) -> torch.Tensor:
+        """(B, capacity) bool from the device length: written, shown by the layer, and not padding."""
+        window = self.layers[layer_idx].window
+        pos = torch.arange(self.capacity, device=self.length_t.device)
+        ok = pos < self.length_t
+        if window is not None:
+            ok = ok & (pos >= self.length_t - window)
+        return ok[None] & self.valid_buf  # (B, capacity)
+
+    def rollback(self, n: int) -> None:
+        raise ValueError("a static cache does not roll back")

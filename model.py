@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import Attention, RMSNorm, canvas_valid, causal_mask, rope_cos_sin, rope_inv_freq
+from attention import Attention, RMSNorm, causal_mask, rope_cos_sin, rope_inv_freq
 from kvcache import KVCache
 from moe import Experts, Router
 
@@ -294,7 +294,7 @@ class DiffusionGemma(nn.Module):
         normed hidden states (B, S, D). valid (B, S) marks real tokens in a left-padded batch."""
         B, S = ids.shape
         cache.extend_valid(valid, B, S, ids.device)
-        positions = torch.arange(cache.length, cache.length + S, device=ids.device)[None]  # (1, S)
+        positions = cache.positions(S, ids.device)  # (1, S)
         masks = [causal_mask(cache, i, S, layer.sliding_window, ids.device) for i, layer in enumerate(self.layers)]
         h = self.run_layers(self.embed(ids), positions, cache, masks, "causal")
         cache.length += S
@@ -302,25 +302,29 @@ class DiffusionGemma(nn.Module):
 
     def forward_canvas(self, canvas: torch.Tensor, cache: KVCache,
                        self_conditioning_logits: torch.Tensor | None = None,
-                       valids: list | None = None) -> torch.Tensor:
+                       valids: list | None = None, sc_gate: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising pass. canvas (B, C) token ids; self_conditioning_logits (B, C, V) are the
         previous step's temperature-scaled logits (None on the first step). Returns fp32 logits
-        (B, C, V). The cache is only read. valids: canvas_valids(cache), when already made."""
+        (B, C, V). The cache is only read. valids: canvas_valids(cache), when already made.
+        sc_gate: a device 0/1 multiplying the soft embedding (0: as if there were no previous step),
+        so that one CUDA graph serves every step, the first included."""
         B, C = canvas.shape
         e = self.embed(canvas)  # (B, C, D)
         if self_conditioning_logits is None:
             soft = torch.zeros_like(e)
         else:
             soft = self.soft_embed(self_conditioning_logits)
+            if sc_gate is not None:
+                soft = soft * sc_gate.to(soft.dtype)
         h = self.self_conditioning(e, soft)
-        positions = torch.arange(cache.length, cache.length + C, device=canvas.device)[None]  # (1, C)
+        positions = cache.positions(C, canvas.device)  # (1, C)
         valids = valids if valids is not None else self.canvas_valids(cache)
         h = self.run_layers(h, positions, cache, valids, "canvas")
         return self.logits(self.norm(h))
 
     def canvas_valids(self, cache: KVCache) -> list:
         """Per layer, the cached keys a denoising pass may see (None everywhere without padding)."""
-        return [canvas_valid(cache, i) for i in range(self.config.num_hidden_layers)]
+        return [cache.canvas_valid(i) for i in range(self.config.num_hidden_layers)]
 
 
 def init_weights(net: DiffusionGemma, std: float = 0.02, seed: int | None = None) -> DiffusionGemma:

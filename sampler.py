@@ -317,7 +317,9 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     B, P = seq.shape
     max_length = P + settings.max_new_tokens
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
-    cache = cache if cache is not None else KVCache(c.layer_types, c.sliding_window)
+    if cache is None:  # a denoiser may bring its own kind (cudagraph.GraphedDenoiser: fixed buffers)
+        make = getattr(denoise, "new_cache", None)
+        cache = make(model, B, P + settings.canvases(C) * C) if make else KVCache(c.layer_types, c.sliding_window)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     result = GenerationResult(sequences=seq, tokens=[])
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attention import Attention, attend, canvas_attention, canvas_valid, causal_mask, rope_cos_sin, rope_inv_freq
+from attention import Attention, attend, canvas_attention, causal_mask, rope_cos_sin, rope_inv_freq
 from kvcache import KVCache, LayerCache
 
 
@@ -66,18 +66,6 @@ def test_canvas_attention_is_attention_over_the_concatenation(padded):
                 scores[:, :2] = float("-inf")
             torch.testing.assert_close(got[b, h], scores.softmax(-1) @ v_all[b, h // 2], atol=1e-5, rtol=1e-5)
     assert torch.equal(canvas_attention(q, None, None, kn, vn, None), attend(q, kn, vn, None))
-
-
-def test_canvas_valid_follows_the_cache():
-    cache = KVCache(["sliding_attention", "full_attention"], sliding_window=3)
-    assert canvas_valid(cache, 0) is None
-    cache.extend_valid(torch.tensor([[False, True, True, True, True]]), 1, 5, "cpu")
-    k = torch.zeros(1, 1, 5, 2)
-    for layer in cache.layers:
-        layer.append(k, k)
-    cache.length = 5
-    assert canvas_valid(cache, 0).tolist() == [[True, True]]  # the sliding layer shows its last 2
-    assert canvas_valid(cache, 1).tolist() == [[False, True, True, True, True]]
 
 
 def test_attention_modes_agree():

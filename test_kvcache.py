@@ -62,3 +62,15 @@ def test_rollback_beyond_the_spare_is_refused():
         cache.rollback(3)
     cache.rollback(1)  # within the spare
     assert cache.length == 7 and shown(cache)[0] == [5.0, 6.0]
+
+
+def test_canvas_valid_follows_the_cache():
+    cache = KVCache(["sliding_attention", "full_attention"], sliding_window=3)
+    assert cache.canvas_valid(0) is None
+    cache.extend_valid(torch.tensor([[False, True, True, True, True]]), 1, 5, "cpu")
+    k = torch.zeros(1, 1, 5, 2)
+    for layer in cache.layers:
+        layer.append(k, k)
+    cache.length = 5
+    assert cache.canvas_valid(0).tolist() == [[True, True]]  # the sliding layer shows its last 2
+    assert cache.canvas_valid(1).tolist() == [[False, True, True, True, True]]
