@@ -110,7 +110,7 @@ def usage_lines(path: Path) -> list[str]:
             if current:
                 groups.append(current)
             current = []
-    return [ln for g in groups if g[0].startswith(("python ", "import ", "from ")) for ln in g]
+    return [ln for g in groups if g[0].startswith(("python ", "torchrun ", "import ", "from ")) for ln in g]
 
 
 @pytest.mark.parametrize("path", [p for p in SOURCES + [HERE / "cuda_kernels" / "__init__.py"]],
@@ -118,10 +118,12 @@ def usage_lines(path: Path) -> list[str]:
 def test_usage_lines_run_as_written(path):
     lines = usage_lines(path)
     assert lines, f"{path.name} has no usage lines"
-    shell = [ln for ln in lines if ln.startswith("python ")]
-    code = "\n".join(ln for ln in lines if not ln.startswith("python "))
+    shell = [ln for ln in lines if ln.startswith(("python ", "torchrun "))]
+    code = "\n".join(ln for ln in lines if ln not in shell)
     for ln in shell:  # each command's flags are checked by the program's own parser
-        script, *argv = shlex.split(ln, comments=True)[1:]
+        words = shlex.split(ln, comments=True)
+        start = next(i for i, w in enumerate(words) if w.endswith(".py"))  # after python / torchrun's own flags
+        script, *argv = words[start:]
         p = subprocess.run([sys.executable, "-c", f"import sys, {Path(script).stem} as m; m.build_parser().parse_args(sys.argv[1:])",
                             *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, f"{ln}: {p.stderr}"
