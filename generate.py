@@ -3,8 +3,8 @@
 The algorithm itself (the loop over canvases, the denoising steps, the entropy-bound sampler) is in
 sampler.py; this file turns text into token ids and back, and offers the ways to use it: a prompt,
 a batch of prompts, a conversation (chat.py), a gap to fill (infill), a template whose holes the
-model fills, and best-of-N with a check that accepts a sample. The same seed gives the same tokens
-as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
+model fills, and best-of-N with a check that accepts a sample. On the plain path the same seed gives
+the same tokens as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
 
     python generate.py                          # the bundled model solves a Sudoku puzzle
     python generate.py --model weights-code --max-new-tokens 32 "def fibonacci(n):"
