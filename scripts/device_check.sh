@@ -58,7 +58,7 @@ if [ $DRY -eq 1 ]; then
   say "dry run: the CPU part of every phase"
   phase env 30 5 "$PY" -c "import torch, transformers, jinja2; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   phase build 60 10 "$PY" -c "import cuda_kernels; print(cuda_kernels.arch_for((9, 0)), cuda_kernels.cuda_home())"
-  phase unit 120 10 "$PY" -m pytest -q -rA test_kernels.py -k "fused_moe or canvas_attention or choice"
+  phase unit 120 10 "$PY" -m pytest -q -rA test_kernels.py -k "fused_moe or canvas_attention or fused_sampler or rms_norm or choice"
   phase micro 120 10 "$PY" scripts/kernel_bench.py --tiny --device cpu --json "$OUT/micro.json"
   phase model 120 10 "$PY" -m pytest -q -rA test_kernels.py -k "whole_model"
   phase bench 240 10 "$PY" bench.py --tiny --steps 2 --json "$OUT/bench.json"
@@ -81,7 +81,7 @@ if ! phase build 200 60 "$PY" -c "import time, cuda_kernels; t = time.time(); cu
   exit 1
 fi
 tail -1 "$LOGS/build.log" >> "$OUT/summary.txt"
-phase unit 120 30 "$PY" -m pytest -q -rA -p no:cacheprovider test_kernels.py -k "fused_moe or canvas_attention"
+phase unit 120 30 "$PY" -m pytest -q -rA -p no:cacheprovider test_kernels.py -k "fused_moe or canvas_attention or fused_sampler or rms_norm"
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$LOGS/unit.log" | tail -60 >> "$OUT/summary.txt"
 phase micro 100 30 "$PY" scripts/kernel_bench.py --json "$OUT/micro.json"
 grep -E "^(moe|attention|layer|cuda)" "$LOGS/micro.log" >> "$OUT/summary.txt"
