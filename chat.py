@@ -47,7 +47,7 @@ class Chat:
 
     def new_cache(self) -> KVCache:
         c = self.model.config
-        spare = self.settings.canvases(c.canvas_length) * c.canvas_length + 64  # a whole reply, and some
+        spare = self.settings.positions(64, c.canvas_length)  # a whole reply, and some
         return KVCache(c.layer_types, c.sliding_window, spare=spare)
 
     def reuse_cache(self, ids: list[int]) -> int:
@@ -72,7 +72,7 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         ids = self.tok.apply_chat_template(self.conversation(), thinking=self.thinking)
         c = self.model.config
-        need = len(ids) + self.settings.canvases(c.canvas_length) * c.canvas_length
+        need = self.settings.positions(len(ids), c.canvas_length)
         if need > c.max_position_embeddings:
             self.messages.pop()
             raise UsageError(f"the conversation needs {need} positions but the model has {c.max_position_embeddings}: "

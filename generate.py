@@ -15,7 +15,6 @@ the same tokens as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generat
 """
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -70,8 +69,8 @@ def settings_for(model, **overrides) -> GenerationSettings:
 
 def check_context(model, n_prompt: int, max_new_tokens: int, name: str = "prompt") -> None:
     """Prompt plus whole canvases must fit in the model's positions."""
-    C, limit = model.config.canvas_length, model.config.max_position_embeddings
-    need = n_prompt + math.ceil(max_new_tokens / C) * C
+    limit = model.config.max_position_embeddings
+    need = GenerationSettings(max_new_tokens=max_new_tokens).positions(n_prompt, model.config.canvas_length)
     if need > limit:
         raise UsageError(f"the {name} has {n_prompt} tokens; with {max_new_tokens} new tokens that needs {need} "
                          f"positions but the model has {limit}: shorten it or ask for fewer new tokens")

@@ -214,6 +214,10 @@ class GenerationSettings:
         """How many canvases max_new_tokens needs."""
         return math.ceil(self.max_new_tokens / canvas_length)
 
+    def positions(self, n_prompt: int, canvas_length: int) -> int:
+        """Positions a prompt of n_prompt tokens and its whole canvases take."""
+        return n_prompt + self.canvases(canvas_length) * canvas_length
+
 
 @dataclass
 class GenerationResult:
@@ -319,7 +323,7 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
     if cache is None:  # a denoiser may bring its own kind (cudagraph.GraphedDenoiser: fixed buffers)
         make = getattr(denoise, "new_cache", None)
-        cache = make(model, B, P + settings.canvases(C) * C) if make else KVCache(c.layer_types, c.sliding_window)
+        cache = make(model, B, settings.positions(P, C)) if make else KVCache(c.layer_types, c.sliding_window)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     result = GenerationResult(sequences=seq, tokens=[])
     t0 = time.perf_counter()
