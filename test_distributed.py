@@ -56,7 +56,8 @@ except checkpoint.CheckpointError as e:
     sys.exit(1)
 whole = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
             if n not in sharding.slices)
-print(json.dumps({"rank": dist.get_rank(), "bytes": distributed.tensor_bytes(model), "whole": whole}))
+with open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w") as f:  # one file a rank: stdout lines interleave
+    json.dump({"rank": dist.get_rank(), "bytes": distributed.tensor_bytes(model), "whole": whole}, f)
 """
 
 
@@ -65,10 +66,10 @@ def test_each_rank_holds_its_share(ckpt_b, tmp_path):
     from distributed import tensor_bytes
     script = tmp_path / "share.py"
     script.write_text(SCRIPT)
-    p = torchrun(script, ckpt_b[0], "share")
+    p = torchrun(script, ckpt_b[0], "share", tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     import json
-    ranks = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     total = tensor_bytes(load_model(ckpt_b[0], "cpu", torch_float32()))
     for r in ranks:  # the split tensors are halved; the rest (norms, router, scalars) is held whole
         split = r["bytes"] - r["whole"]
@@ -84,7 +85,7 @@ def torch_float32():
 def test_a_failing_rank_stops_every_rank(ckpt_b, tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(SCRIPT)
-    p = torchrun(script, ckpt_b[0], "fail", timeout=90)
+    p = torchrun(script, ckpt_b[0], "fail", tmp_path, timeout=90)
     ours = [ln for ln in p.stderr.splitlines() if ln.startswith(("error:", "[rank"))]  # not the launcher's report
     assert p.returncode != 0 and not any("Traceback" in ln for ln in ours), p.stderr
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
