@@ -3,8 +3,9 @@
 At the released 26B-A4B shape with random bf16 weights built directly on the GPU: a 1024-token
 prompt, 16 fixed denoising steps per canvas (no early stop, no end token). Every row shares one set
 of weight tensors (transformers builds them; ours points at the same memory). Rows are measured in
-order of importance (the kernel path first) and each is printed, and written to the JSON file, as
-soon as it is measured, so a crash or a time limit loses nothing already measured.
+order of importance (the kernel path and its agreement with transformers first) and each is
+printed, and written to the JSON file, as soon as it is measured, so a crash or a time limit loses
+nothing already measured.
 
 A canvas costs its steps plus one commit pass of the same size; the time of one canvas is measured
 as the time between two canvases' commits (the prompt's prefill drops out): ms/step = per canvas /
@@ -13,7 +14,7 @@ and bf16 matmul rate; the floor of a step is the bytes it must read / the bandwi
 
     python bench.py --tiny --steps 4 --json /tmp/bench.json   # a tiny shape, anywhere, plus bare generate.py
     python bench.py                   # released shape on a GPU (about 60 GB)
-    python bench.py --quant int4      # bf16 vs int4 experts in one run: speed, logit error, argmax agreement
+    python bench.py --quant int8,int4 # bf16, then int8 and int4 experts in one run: speed, logit error, agreement
     python bench.py --quant int4 --memory   # peak memory of the int4 model generating from a 4k prompt
 """
 
@@ -31,11 +32,15 @@ from hfconfig import config_to_hf
 from generate import choose_fast_path
 from kvcache import KVCache
 from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
-from sampler import GenerationSettings, SamplerSettings, block_diffusion, denoise_canvas
+from sampler import GenerationSettings, SamplerSettings, block_diffusion
 from terminal import Parser
 
-VLLM_FP8_TOK_S = 1756  # vLLM blog, FP8 weights, H100, batch 1, 16 fixed steps, 4k prompt
 HERE = Path(__file__).resolve().parent
+# --tiny: a shape that runs anywhere and that the kernels take (sizes multiples of 64, head_dim 16k)
+TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, global_head_dim=64, num_global_key_value_heads=1, intermediate_size=128, num_experts=8,
+            top_k_experts=2, moe_intermediate_size=64, sliding_window=48, canvas_length=32)
+PLAIN = {"denoise": None}  # block_diffusion's defaults: the plain path
 
 
 def sync(device):
@@ -63,7 +68,7 @@ def device_ceilings(device) -> dict:
     a = torch.empty(n, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     t = timed(lambda: b.copy_(a), device, 5)
-    del a, b
+    a = b = None  # free the 2 GB before the matmul
     m = 8192 if device.type == "cuda" else 1024
     x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     return {"bandwidth_GBps": 2 * n / t / 1e9, "bf16_TFLOPs": 2 * m ** 3 / timed(lambda: x @ x, device, 5) / 1e12}
@@ -83,19 +88,30 @@ def fixed_steps(n_canvas: int, C: int, steps: int) -> GenerationSettings:
                               sampler=SamplerSettings(max_steps=steps, confidence_threshold=None))
 
 
+def on_device(device, dtype):
+    """Build modules directly on the device in dtype (never a full-size model through the CPU)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                yield
+        finally:
+            torch.set_default_dtype(old)
+    return scope()
+
+
 def build_hf(cfg: DiffusionGemmaConfig, device, dtype):
     """transformers' model with random weights, built directly on the device."""
     from transformers import DiffusionGemmaConfig as HFConfig, DiffusionGemmaForBlockDiffusion
     d = config_to_hf(cfg)
     hf_cfg = HFConfig(text_config=d["text_config"], vision_config=d["vision_config"],
                       canvas_length=cfg.canvas_length, eos_token_id=cfg.eos_token_id)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return DiffusionGemmaForBlockDiffusion(hf_cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
+    with on_device(device, dtype):
+        return DiffusionGemmaForBlockDiffusion(hf_cfg).eval()
 
 
 def ours_sharing(hf, cfg: DiffusionGemmaConfig) -> DiffusionGemma:
@@ -107,18 +123,43 @@ def ours_sharing(hf, cfg: DiffusionGemmaConfig) -> DiffusionGemma:
     return net.eval().requires_grad_(False)
 
 
-def per_canvas_ours(model, prompt, C, steps, denoise, device) -> float:
-    """Seconds from one canvas's commit to the next's (a warm-up generation first)."""
+def per_canvas_ours(model, prompt, C, steps, fast: dict, device) -> float:
+    """Seconds from one canvas's commit to the next's (a warm-up generation first). fast: the
+    denoise and new_cache of generate.choose_fast_path."""
     stamps = []
 
-    def on_canvas(ci, seq, finished):
+    def on_canvas(ci, new, finished):
         sync(device)
         stamps.append(time.perf_counter())
 
     for _ in range(2):
         stamps.clear()
-        block_diffusion(model, [prompt], fixed_steps(2, C, steps), on_canvas=on_canvas, denoise=denoise)
+        block_diffusion(model, [prompt], fixed_steps(2, C, steps), on_canvas=on_canvas,
+                        **{k: v for k, v in fast.items() if v is not None})
     return stamps[1] - stamps[0]
+
+
+class Stamps:
+    """A transformers streamer that notes the time of every put (the prompt, then each canvas)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())  # value.cpu() was the sync
+
+    def end(self):
+        pass
+
+
+def per_canvas_hf(hf, prompt, C, steps, device) -> float:
+    """transformers' seconds from one canvas's commit to the next's, the same span per_canvas_ours
+    measures (a warm-up generation first)."""
+    for _ in range(2):
+        stamps = Stamps(device)
+        hf.generate(prompt, max_new_tokens=2 * C, max_denoising_steps=steps, confidence_threshold=None,
+                    eos_token_id=None, streamer=stamps)
+    return stamps.times[2] - stamps.times[1]
 
 
 def row(name, per_canvas, steps, C, device) -> dict:
@@ -129,7 +170,7 @@ def row(name, per_canvas, steps, C, device) -> dict:
 
 
 @torch.no_grad()
-def parity(hf, ours, prompt, C, steps, denoise) -> dict:
+def parity(hf, ours, prompt, C, steps, fast: dict) -> dict:
     """Ours against transformers on the same weights: denoiser logits on one canvas (argmax agreement,
     relative and max difference) and the committed canvas of a seeded generation at `steps` steps."""
     V = ours.config.vocab_size
@@ -146,7 +187,8 @@ def parity(hf, ours, prompt, C, steps, denoise) -> dict:
     hf_tokens = hf.generate(prompt, max_new_tokens=C, max_denoising_steps=steps, confidence_threshold=None,
                             eos_token_id=None).sequences[:, -C:]
     torch.manual_seed(0)
-    ours_tokens = block_diffusion(ours, [prompt[0].tolist()], fixed_steps(1, C, steps), denoise=denoise).sequences[:, -C:]
+    ours_tokens = block_diffusion(ours, [prompt[0].tolist()], fixed_steps(1, C, steps),
+                                  **{k: v for k, v in fast.items() if v is not None}).sequences[:, -C:]
     return {**out, "committed_identical": bool(torch.equal(hf_tokens, ours_tokens)),
             "committed_agreement": (hf_tokens == ours_tokens).float().mean().item()}
 
@@ -160,8 +202,8 @@ class Report:
     def add(self, key: str, value, line: str) -> None:
         if key == "rows":
             self.data["rows"].append(value)
-        elif key == "parity":
-            self.data["parity"].update(value)
+        elif isinstance(value, dict) and isinstance(self.data.get(key), dict):
+            self.data[key].update(value)  # parity, quality: one entry per path or format
         else:
             self.data[key] = value
         print(line, flush=True)
@@ -186,7 +228,8 @@ def bare_run_seconds() -> float:
 
 
 def bench_main(args, device, cfg, ceilings, report: Report) -> None:
-    """The three systems on the same weights, the kernel path first, then parity."""
+    """The three systems on the same weights: the kernel path and its agreement with transformers
+    first, then transformers, then the plain path and its agreement."""
     C, steps = cfg.canvas_length, args.steps
     hf = build_hf(cfg, device, torch.bfloat16)
     ours = ours_sharing(hf, cfg)
@@ -197,73 +240,86 @@ def bench_main(args, device, cfg, ceilings, report: Report) -> None:
           "|---|---|---|---|---|---|---|", flush=True)
     rows = {}
     with torch.no_grad():
-        if device.type == "cuda":  # the row that matters most, first
+        if device.type == "cuda":  # the rows that matter most, first, while the model is on the kernels
             fast, line = choose_fast_path(ours, "cuda", cuda_graph=not args.no_cuda_graph)
             print(line, flush=True)
             rows["kernels"] = row("ours, CUDA kernels + graph", per_canvas_ours(ours, prompt[0].tolist(), C, steps, fast,
                                                                                device), steps, C, device)
             report.add("rows", rows["kernels"], fmt_row(rows["kernels"], floor_ms, None))
-            choose_fast_path(ours, "torch")
-        hf_time = lambda n: (lambda: hf.generate(prompt, max_new_tokens=n * C, max_denoising_steps=steps,  # noqa: E731
-                                                 confidence_threshold=None, eos_token_id=None))
-        hf_canvas = timed(hf_time(2), device, 1) - timed(hf_time(1), device, 1)
-        rows["hf"] = row("transformers 5.17.0", hf_canvas, steps, C, device)
-        report.add("rows", rows["hf"], fmt_row(rows["hf"], floor_ms, rows["hf"]["ms_per_step"]))
-        if "kernels" in rows:
             report.add("parity", {"kernels": parity(hf, ours, prompt, C, steps, fast)},
                        f"kernels vs transformers: {report.data['parity']}")
+            choose_fast_path(ours, "torch")
+        rows["hf"] = row("transformers 5.17.0", per_canvas_hf(hf, prompt, C, steps, device), steps, C, device)
+        report.add("rows", rows["hf"], fmt_row(rows["hf"], floor_ms, rows["hf"]["ms_per_step"]))
         plain_steps = steps if args.tiny else 4  # the per-expert loop is slow at full size: 4 steps tell enough
-        rows["plain"] = row("ours, plain PyTorch", per_canvas_ours(ours, prompt[0].tolist(), C, plain_steps,
-                                                                   denoise_canvas, device), plain_steps, C, device)
+        rows["plain"] = row("ours, plain PyTorch", per_canvas_ours(ours, prompt[0].tolist(), C, plain_steps, PLAIN,
+                                                                   device), plain_steps, C, device)
         report.add("rows", rows["plain"], fmt_row(rows["plain"], floor_ms, rows["hf"]["ms_per_step"]))
-        checks = parity(hf, ours, prompt, C, plain_steps, denoise_canvas)
+        checks = parity(hf, ours, prompt, C, plain_steps, PLAIN)
         report.add("parity", {"plain": checks}, f"plain vs transformers: argmax agreement {checks['argmax_agreement']:.4%}, "
                    f"max logit diff {checks['max_logit_diff']:.3g}, committed canvas "
                    f"{'identical' if checks['committed_identical'] else 'agreement %.2f%%' % (100 * checks['committed_agreement'])}")
 
 
+def random_model(cfg: DiffusionGemmaConfig, device) -> DiffusionGemma:
+    """Random bf16 weights, built and drawn directly on the device."""
+    with on_device(device, torch.bfloat16):
+        return init_weights(DiffusionGemma(cfg), seed=0).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def bench_quant(args, device, cfg, ceilings, report: Report) -> None:
-    """bf16 vs quantized experts in one run (speed, logit error, argmax agreement), or --memory."""
+    """bf16 experts, then each --quant format in turn, in one run (one build of the bf16 weights):
+    speed, logit error and argmax agreement against bf16; or --memory."""
     from quant import quantized_copy
-    block = {"experts": args.quant, "group_size": args.group_size, "zero_point": True, "attention": None,
-             "mlp": None, "embedding": None}
+    kinds = args.quant.split(",")
+    if any(k not in ("int8", "int4") for k in kinds):
+        raise SystemExit(f"error: --quant takes int8, int4 or int8,int4, not {args.quant}")
+    block = lambda kind: {"experts": kind, "group_size": args.group_size, "zero_point": True, "attention": None,  # noqa: E731
+                          "mlp": None, "embedding": None}
     C, steps = cfg.canvas_length, args.steps
-    dense = init_weights(DiffusionGemma(cfg).to(device=device, dtype=torch.bfloat16), seed=0).eval()
+    dense = random_model(cfg, device)
     if args.memory:  # the quantized model alone, never beside the whole bf16 one
-        qm = quantized_copy(dense, block, free_source=True)
+        qm = quantized_copy(dense, block(kinds[0]), free_source=True)
         del dense
-        denoise, line = choose_fast_path(qm, "auto")
+        fast, line = choose_fast_path(qm, "auto")
         print(line, flush=True)
         prompt = torch.randint(5, cfg.vocab_size, (args.prompt or 4096,)).tolist()
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        block_diffusion(qm, [prompt], fixed_steps(1, C, steps), denoise=denoise)
+        block_diffusion(qm, [prompt], fixed_steps(1, C, steps), **fast)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-        report.add("memory", {"quant": args.quant, "prompt_tokens": len(prompt), "peak_GiB": peak},
-                   f"{args.quant} experts: peak memory {peak:.2f} GiB generating one canvas from a {len(prompt)}-token prompt")
+        report.add("memory", {"quant": kinds[0], "prompt_tokens": len(prompt), "peak_GiB": peak},
+                   f"{kinds[0]} experts: peak memory {peak:.2f} GiB generating one canvas from a {len(prompt)}-token prompt")
         return
-    qm = quantized_copy(dense, block)
     prompt = torch.randint(5, cfg.vocab_size, (1, args.prompt or (128 if args.tiny else 1024)), device=device)
     canvas = torch.randint(0, cfg.vocab_size, (1, C), device=device)
-    logits = []
-    for name, m in ((args.quant + " experts", qm), ("bf16", dense)):
-        denoise, line = choose_fast_path(m, "auto")
+
+    def measure(name, m):
+        fast, line = choose_fast_path(m, "auto")
         print(line, flush=True)
-        r = row(name, per_canvas_ours(m, prompt[0].tolist(), C, steps, denoise, device), steps, C, device)
+        r = row(name, per_canvas_ours(m, prompt[0].tolist(), C, steps, fast, device), steps, C, device)
         r["floor_ms_per_step"] = step_bytes(m) / (ceilings["bandwidth_GBps"] * 1e9) * 1e3
-        report.add("rows", r, f"{name}: {r['ms_per_step']:.2f} ms/step, {r['tok_s']:.0f} tok/s "
-                              f"(own floor {r['floor_ms_per_step']:.2f} ms/step; vLLM FP8 on H100: {VLLM_FP8_TOK_S} tok/s)")
         cache = KVCache(cfg.layer_types, cfg.sliding_window)
         m.forward_causal(prompt, cache)
-        logits.append(m.forward_canvas(canvas, cache))
-    rel = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
-    agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
-    speedup = report.data["rows"][1]["ms_per_step"] / report.data["rows"][0]["ms_per_step"]
-    report.add("quality", {"relative_logit_error": rel, "argmax_agreement": agree, "speedup_vs_bf16": speedup},
-               f"{args.quant} vs bf16: {speedup:.2f}x the speed, relative logit error {rel:.4f}, "
-               f"denoiser argmax agreement {agree:.4%}")
+        return r, m.forward_canvas(canvas, cache)
+
+    base, ref = measure("bf16", dense)
+    report.add("rows", base, f"bf16: {base['ms_per_step']:.2f} ms/step, {base['tok_s']:.0f} tok/s "
+                             f"(own floor {base['floor_ms_per_step']:.2f} ms/step)")
+    for kind in kinds:
+        qm = quantized_copy(dense, block(kind))
+        r, logits = measure(kind + " experts", qm)
+        del qm
+        report.add("rows", r, f"{kind} experts: {r['ms_per_step']:.2f} ms/step, {r['tok_s']:.0f} tok/s "
+                              f"(own floor {r['floor_ms_per_step']:.2f} ms/step)")
+        rel = ((logits - ref).norm() / ref.norm()).item()
+        agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        speedup = base["ms_per_step"] / r["ms_per_step"]
+        report.add("quality", {kind: {"relative_logit_error": rel, "argmax_agreement": agree, "speedup_vs_bf16": speedup}},
+                   f"{kind} vs bf16: {speedup:.2f}x the speed, relative logit error {rel:.4f}, "
+                   f"denoiser argmax agreement {agree:.4%}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device (default: cuda when available)")
     p.add_argument("--no-cuda-graph", action="store_true", help="kernels without the CUDA graph")
     p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="compare bf16 with int8/int4 experts instead")
+    p.add_argument("--quant", help="compare bf16 with int8, int4 or int8,int4 experts instead (one build)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     p.add_argument("--memory", action="store_true", help="with --quant: peak memory from a 4k prompt, alone")
     return p
@@ -286,7 +342,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.tiny and device.type != "cuda":
         print("error: the released shape needs a CUDA GPU with about 60 GB; use --tiny on this machine", file=sys.stderr)
         return 2
-    cfg = DiffusionGemmaConfig.from_name("test-kernels" if args.tiny else "26b-a4b", dtype="bfloat16")
+    cfg = DiffusionGemmaConfig(**TINY) if args.tiny else DiffusionGemmaConfig.from_name("26b-a4b")
     torch.manual_seed(0)
     ceilings = device_ceilings(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

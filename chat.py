@@ -7,8 +7,9 @@ thought, or padding after `<turn|>`), and only the new tokens are read causally.
 holds exactly what one causal pass over the rendered conversation would. Sliding-window layers
 keep enough tokens beyond their window to roll back a whole reply (kvcache.py, `spare`).
 
-    from chat import Chat; from generate import load
-    model, tok = load("weights-code")
+    from chat import Chat; from generate import load; from tokenizer import Tokenizer
+    model, _ = load("weights-code")                 # a model of code: give its tokenizer a chat format
+    tok = Tokenizer("weights-code/tokenizer.json", "{% for m in messages %}{{ m.content }}\\n{% endfor %}")
     chat = Chat(model, tok, model.generation_settings.copy(max_new_tokens=16))
     reply = chat.send("def add(a, b):")
     again = chat.send("and now subtract")       # reads only this turn's new tokens
@@ -20,15 +21,19 @@ import torch
 
 import distributed
 from kvcache import KVCache
-from sampler import GenerationSettings, block_diffusion, denoise_canvas
-from terminal import StreamPrinter, UsageError, dim
+from sampler import GenerationSettings, RequestError, block_diffusion, denoise_canvas
+from terminal import Display, StreamPrinter, dim
 
 
 class Chat:
-    """messages, a KV cache and the token ids it holds; send(text) -> the model's answer."""
+    """messages, a KV cache and the token ids it holds; send(text) -> the model's answer.
+    RequestError for a tokenizer without a chat format, or a conversation the model cannot hold."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, system: str | None = None,
                  thinking: bool = False, denoise=denoise_canvas):
+        if not tokenizer.is_chat:
+            raise RequestError("this tokenizer has no chat format (no chat template, no turn markers): "
+                               "a conversation needs an instruction-tuned checkpoint")
         self.model, self.tok, self.settings, self.denoise = model, tokenizer, settings, denoise
         self.thinking = thinking
         self.system = system
@@ -40,7 +45,6 @@ class Chat:
         self.cache: KVCache | None = None
         self.cached: list[int] = []  # the token ids the cache holds, in order
         self.last_read = 0  # tokens the last turn read causally
-        self.last_thought: str | None = None
 
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -75,34 +79,34 @@ class Chat:
         need = self.settings.positions(len(ids), c.canvas_length)
         if need > c.max_position_embeddings:
             self.messages.pop()
-            raise UsageError(f"the conversation needs {need} positions but the model has {c.max_position_embeddings}: "
-                             "/reset to start over")
+            raise RequestError(f"the conversation needs {need} positions but the model has {c.max_position_embeddings}: "
+                               "/reset to start over")
         keep = self.reuse_cache(ids)
         self.last_read = len(ids) - keep
 
-        def hook(ci, seq, finished):
+        def hook(ci, new, finished):
             if on_canvas is not None:
-                split = self.tok.split_thought(seq[0, len(ids) - keep:].tolist())
+                split = self.tok.split_thought(new[0].tolist())
                 on_canvas(self.tok.decode(split.answer),
                           None if split.thought is None else self.tok.decode(split.thought))
 
         result = block_diffusion(self.model, [ids[keep:]], self.settings, cache=self.cache, on_canvas=hook,
                                  denoise=self.denoise)
         self.cached = (ids[:keep] + result.sequences[0].tolist())[: self.cache.length]
-        split = self.tok.split_thought(result.tokens[0])
-        answer = self.tok.decode(split.answer)
-        self.last_thought = None if split.thought is None else self.tok.decode(split.thought)
+        answer = self.tok.decode(self.tok.split_thought(result.tokens[0]).answer)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
 
-def chat_loop(model, tok, settings: GenerationSettings, args, denoise) -> int:
+def chat_loop(model, tok, settings: GenerationSettings, display: Display, *, system: str | None = None,
+              thinking: bool = False, denoise=denoise_canvas) -> int:
     """--chat: a line per user turn from stdin (a terminal or a pipe); /reset, /system TEXT, /exit;
-    Ctrl-D ends. Each reply is printed canvas by canvas."""
-    chat = Chat(model, tok, settings, system=args.system, thinking=args.thinking, denoise=denoise)
+    Ctrl-D ends. Each reply is printed canvas by canvas; from a pipe each turn is echoed first
+    ("> text"), so that the transcript shows where every reply begins."""
+    chat = Chat(model, tok, settings, system=system, thinking=thinking, denoise=denoise)
     interactive = sys.stdin.isatty()
-    if getattr(args, "announce", None):
-        print(args.announce, file=sys.stderr)
+    if display.announce and not display.quiet:
+        print(display.announce, file=sys.stderr)
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
@@ -128,23 +132,25 @@ def chat_loop(model, tok, settings: GenerationSettings, args, denoise) -> int:
             chat.reset()
             print("(system prompt set; conversation reset)", file=sys.stderr)
             continue
+        if not interactive:
+            sys.stdout.write(f"> {line}\n")
         answer = StreamPrinter(sys.stdout)
         thought = StreamPrinter(sys.stderr, style=lambda s: dim(s, sys.stderr))
 
         def show(text, thought_text):
-            if args.thinking and thought_text:
+            if thinking and thought_text:
                 thought.update("thinking: " + thought_text)
             answer.update(text)
 
         try:
             chat.send(line, on_canvas=show)
-        except UsageError as e:
+        except RequestError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
         if thought.text:
             sys.stderr.write("\n")
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if not args.quiet:
+        if not display.quiet:
             print(dim(f"({chat.last_read} new tokens read, {chat.cache.length} in the cache)", sys.stderr),
                   file=sys.stderr)

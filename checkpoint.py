@@ -7,12 +7,13 @@ stored once, under `model.decoder.*`; transformers ties the encoder and lm_head 
 30 encoder `layer_scalar` buffers are stored again, and the vision tower is skipped here.
 
 Every problem with a checkpoint is a CheckpointError whose message names the file and what to do
-(hfconfig.py reads and checks the two JSON files).
+(hfconfig.py reads and checks the two JSON files); a device that cannot be used is a DeviceError,
+never blamed on the files.
 
-    from checkpoint import load_model, save_checkpoint; from hfconfig import read_generation_config
+    import tempfile; from checkpoint import load_model, save_checkpoint; from hfconfig import read_generation_config
     model = load_model("weights-code", device="cpu")     # a directory, or a Hugging Face repo id
     settings = read_generation_config("weights-code", model.config.eos_token_id)
-    save_checkpoint(model, "/tmp/code-copy", generation_config={"max_new_tokens": 64}, force=True)
+    save_checkpoint(model, tempfile.mkdtemp() + "/copy", generation=settings)
 """
 
 import contextlib
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hfconfig import CheckpointError, config_to_hf, read_config, read_json
+from hfconfig import CheckpointError, config_to_hf, generation_config_to_hf, read_config, read_json
 from model import DiffusionGemma, DiffusionGemmaConfig
 from quant import convert_for_runtime
 
@@ -91,6 +92,54 @@ def resolve_checkpoint(model: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# The device
+# ---------------------------------------------------------------------------------------------
+
+class DeviceError(Exception):
+    """A device that cannot be used (not there, no driver, unknown name); the message says what to do."""
+
+
+def open_device(device: str | torch.device) -> torch.device:
+    """The device, checked before any weight is read: known to torch, present, and usable."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {str(device)!r}: use cuda, cuda:N, cpu or mps") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise DeviceError("CUDA is not available: this torch is a CPU build; install a CUDA build of torch, "
+                              "or use --device cpu")
+        if not torch.cuda.is_available():
+            try:
+                torch.cuda.init()
+                why = "no GPU found"
+            except Exception as e:  # the driver's own words
+                why = str(e).splitlines()[0].rstrip(".")
+            raise DeviceError(f"CUDA is not available: {why}; use --device cpu, or check the NVIDIA driver")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("MPS is not available on this machine: use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise DeviceError(f"cannot use {device}: {str(e).splitlines()[0]}") from None
+    return device
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on the device; a failure there is the device's (out of memory passes through as it is)."""
+    try:
+        return t.to(device)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise DeviceError(f"cannot move the weights to {device}: {str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading tensors
 # ---------------------------------------------------------------------------------------------
 
@@ -146,7 +195,7 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
     path = resolve_checkpoint(model)
     config = read_config(path)
     dtype = dtype or config.torch_dtype()
-    device = torch.device(device)
+    device = open_device(device)
     net = build_on_meta(config, dtype)
     if sharding is not None:
         sharding.prepare(net)
@@ -162,28 +211,31 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
     state = {}
     for file, names in by_file.items():
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in names:
-                    state[name] = read_tensor(f, file, name, expected[name], dtype, device, sharding)
-        except (CheckpointError, torch.OutOfMemoryError):
-            raise
+            f = safe_open(file, framework="pt", device="cpu")
         except Exception as e:
             raise unreadable(file, e) from None
+        with f:
+            for name in names:
+                state[name] = read_tensor(f, file, name, expected[name], dtype, device, sharding=sharding)
     net.load_state_dict(state, assign=True, strict=True)
     return net.eval().requires_grad_(False)
 
 
-def read_tensor(f, file: Path, name: str, want: torch.Tensor, dtype, device, sharding=None) -> torch.Tensor:
-    """One tensor (or this rank's slice of it), checked against the network's meta tensor."""
-    sl = f.get_slice(PREFIX + name)
-    full = tuple(sl.get_shape())
-    t = sharding.read(name, sl) if sharding is not None else None
+def read_tensor(f, file: Path, name: str, want: torch.Tensor, dtype, device, *, sharding=None) -> torch.Tensor:
+    """One tensor (or this rank's slice of it), checked against the network's meta tensor: what goes
+    wrong reading it is the file's fault, what goes wrong moving it is the device's."""
+    try:
+        sl = f.get_slice(PREFIX + name)
+        full = tuple(sl.get_shape())
+        t = sharding.read(name, sl) if sharding is not None else None
+        if t is None and full == tuple(want.shape):
+            t = f.get_tensor(PREFIX + name)
+    except Exception as e:
+        raise unreadable(file, e) from None
     if t is None:
-        if full != tuple(want.shape):
-            raise CheckpointError(f"tensor {PREFIX + name} in {file} has shape {list(full)}, "
-                                  f"expected {list(want.shape)} from config.json; download it again")
-        t = f.get_tensor(PREFIX + name)
-    elif tuple(t.shape) != tuple(want.shape):
+        raise CheckpointError(f"tensor {PREFIX + name} in {file} has shape {list(full)}, "
+                              f"expected {list(want.shape)} from config.json; download it again")
+    if tuple(t.shape) != tuple(want.shape):
         raise CheckpointError(f"tensor {PREFIX + name} in {file} has shape {list(full)}, which does not split into "
                               f"this rank's {list(want.shape)}; download it again")
     if want.is_floating_point() != t.is_floating_point() or (not want.is_floating_point() and want.dtype != t.dtype):
@@ -192,7 +244,7 @@ def read_tensor(f, file: Path, name: str, want: torch.Tensor, dtype, device, sha
                               "download it again")
     if want.is_floating_point():
         t = t.to(want.dtype if name.endswith("_scale") else dtype)
-    t = t.to(device)
+    t = to_device(t, device)
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise CheckpointError(f"tensor {PREFIX + name} in {file} holds NaN or infinite values; download it again")
     return t
@@ -276,16 +328,17 @@ def checkpoint_tensors(net: DiffusionGemma) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(net: DiffusionGemma, out_dir: str | Path, max_shard_bytes: int = 16 * 2 ** 20,
-                    generation_config: dict | None = None, extra_files: list[Path] = (), force: bool = False) -> None:
-    """Write a checkpoint directory (config.json, safetensors, optional generation_config.json and
-    copies of extra_files) in the layout transformers reads and writes, atomically (staged_directory)."""
+                    generation=None, extra_files: list[Path] = (), force: bool = False) -> None:
+    """Write a checkpoint directory (config.json, safetensors, the generation_config.json of
+    `generation` (sampler.GenerationSettings) if given, copies of extra_files) in the layout
+    transformers reads and writes, atomically (staged_directory)."""
     with staged_directory(out_dir, force) as tmp:
         shards = ShardWriter(tmp, max_shard_bytes)
         for name, t in checkpoint_tensors(net).items():
             shards.add(name, t)
         shards.close()
         (tmp / "config.json").write_text(json.dumps(config_to_hf(net.config), indent=2) + "\n")
-        if generation_config is not None:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config_to_hf(generation), indent=2) + "\n")
         for f in extra_files:
             shutil.copy(f, tmp / Path(f).name)

@@ -1,43 +1,76 @@
-"""Shared test fixtures: tiny DiffusionGemma checkpoints written by transformers, and tokenizers.
+"""Shared test fixtures: the test shapes, tiny DiffusionGemma checkpoints written by transformers, and
+tokenizers.
 
 The checkpoints have every feature of the released model (sliding and full layers, K = V and
 proportional RoPE on the full layers, dense MLP + MoE, self-conditioning, a vision tower that the
-loader must skip) at the sizes of model.CONFIGS["test-*"], which run in milliseconds on a CPU.
+loader must skip) at the sizes of TEST_CONFIGS["test-*"], which run in milliseconds on a CPU.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from hfconfig import config_to_hf
+from hfconfig import MINIMAL_VISION_CONFIG, config_to_hf, generation_config_to_hf
 from data import train_tokenizer
 from model import RELEASED_EOS, DiffusionGemmaConfig
-from sampler import RELEASED_GENERATION_EOS
+from sampler import GenerationSettings
 
 HERE = Path(__file__).resolve().parent
-FIXTURES = HERE.parent / "shared" / "fixtures"  # test-only files kept beside the repository
+# test-only files that are not part of the project (a Gemma 4 tokenizer.json and the released chat
+# templates): the folder DIFFUSIONGEMMA_FIXTURES names, with gemma4-tokenizer/ and gemma4-chat-templates/;
+# the tests that need them skip without it
+FIXTURES = Path(os.environ.get("DIFFUSIONGEMMA_FIXTURES") or HERE / "no-fixtures")
 GEMMA4_TOKENIZER = FIXTURES / "gemma4-tokenizer" / "tokenizer.json"
 TEMPLATES = FIXTURES / "gemma4-chat-templates"
-needs_gemma4 = pytest.mark.skipif(not GEMMA4_TOKENIZER.exists(), reason="the Gemma 4 tokenizer fixture is absent")
+needs_gemma4 = pytest.mark.skipif(not GEMMA4_TOKENIZER.exists(),
+                                  reason="no Gemma 4 tokenizer: set DIFFUSIONGEMMA_FIXTURES to run this test")
 
-TINY_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                   num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64)
-GENERATION_CONFIG = {"max_new_tokens": 256, "max_denoising_steps": 48,
-                     "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-                     "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
-                     "eos_token_id": list(RELEASED_GENERATION_EOS), "pad_token_id": 0}
+GENERATION_CONFIG = generation_config_to_hf(GenerationSettings())  # the released model's defaults
+
+_TEST_A = dict(vocab_size=300, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, global_head_dim=32, num_global_key_value_heads=1, intermediate_size=96, num_experts=8,
+               top_k_experts=2, moe_intermediate_size=32, sliding_window=16, canvas_length=16)
+# the shapes the tests build, each a handful of milliseconds on a CPU
+TEST_CONFIGS = {
+    "tiny": dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                 head_dim=16, global_head_dim=32, num_global_key_value_heads=1, intermediate_size=48, num_experts=4,
+                 top_k_experts=2, moe_intermediate_size=16, sliding_window=16, canvas_length=8, eos_token_id=[1],
+                 max_position_embeddings=4096, dtype="float32", layer_types=["sliding_attention", "full_attention"]),
+    # parity: A has a prompt longer than its window and many canvases; B another layer pattern, head
+    # sizes and routing; C full layers with the sliding layers' head size and KV heads
+    "test-a": _TEST_A,
+    "test-b": dict(vocab_size=320, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                   head_dim=12, global_head_dim=24, num_global_key_value_heads=2, intermediate_size=80, num_experts=6,
+                   top_k_experts=3, moe_intermediate_size=16, sliding_window=24, canvas_length=8,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    "test-c": dict(_TEST_A, global_head_dim=None, num_global_key_value_heads=None, canvas_length=8),
+    # the shapes the CUDA kernels take (hidden and expert sizes multiples of 64, head_dim of 16)
+    "test-kernels": dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
+                         intermediate_size=128, num_experts=8, top_k_experts=2, moe_intermediate_size=64,
+                         sliding_window=48, canvas_length=32),
+}
+
+
+def test_config(name: str, **overrides) -> DiffusionGemmaConfig:
+    """One of TEST_CONFIGS, with fields overridden."""
+    return DiffusionGemmaConfig(**{**TEST_CONFIGS[name], **overrides})
+
+
+test_config.__test__ = False  # a helper, not a test
 
 
 def build_hf_model(name: str, seed: int = 0):
-    """A transformers DiffusionGemmaForBlockDiffusion of CONFIGS[name] with random weights, every
+    """A transformers DiffusionGemmaForBlockDiffusion of TEST_CONFIGS[name] with random weights, every
     norm and scalar perturbed too so that a mix-up of any two of them shows."""
     from transformers import DiffusionGemmaConfig as HFConfig, DiffusionGemmaForBlockDiffusion
-    ours = DiffusionGemmaConfig.from_name(name)
-    cfg = HFConfig(vision_config=dict(TINY_VISION), eos_token_id=list(RELEASED_EOS), canvas_length=ours.canvas_length,
-                   text_config=config_to_hf(ours)["text_config"])
+    ours = test_config(name)
+    cfg = HFConfig(vision_config=dict(MINIMAL_VISION_CONFIG), eos_token_id=list(RELEASED_EOS),
+                   canvas_length=ours.canvas_length, text_config=config_to_hf(ours)["text_config"])
     torch.manual_seed(seed)
     hf = DiffusionGemmaForBlockDiffusion(cfg).float().eval()
     with torch.no_grad():
@@ -98,15 +131,14 @@ def chat_ckpt(tmp_path_factory):
     """A checkpoint whose tokenizer is the Gemma 4 one (vocab 262,144, so the model is wide but
     shallow): the chat format with real ids, end to end."""
     if not GEMMA4_TOKENIZER.exists():
-        pytest.skip("the Gemma 4 tokenizer fixture is absent")
+        pytest.skip("no Gemma 4 tokenizer: set DIFFUSIONGEMMA_FIXTURES to run this test")
     from checkpoint import save_checkpoint
     from model import DiffusionGemma, init_weights
     path = tmp_path_factory.mktemp("ckpt_chat") / "ckpt"
-    cfg = DiffusionGemmaConfig.from_name("tiny", vocab_size=262144, hidden_size=16, intermediate_size=16,
-                                         moe_intermediate_size=16, head_dim=8, global_head_dim=8,
-                                         eos_token_id=list(RELEASED_EOS), max_position_embeddings=4096)
+    cfg = test_config("tiny", vocab_size=262144, hidden_size=16, intermediate_size=16, moe_intermediate_size=16,
+                      head_dim=8, global_head_dim=8, eos_token_id=list(RELEASED_EOS), max_position_embeddings=4096)
     save_checkpoint(init_weights(DiffusionGemma(cfg), std=0.5, seed=0), path, max_shard_bytes=2 ** 30,
-                    generation_config=GENERATION_CONFIG, extra_files=[GEMMA4_TOKENIZER])
+                    generation=GenerationSettings(), extra_files=[GEMMA4_TOKENIZER])
     return path
 
 

@@ -22,9 +22,9 @@ all-reduces an output. A layer whose query heads do not split N ways stays whole
     from distributed import Sharding      # load_model(path, device, dtype, sharding=Sharding(rank, world))
 """
 
-import atexit
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,22 @@ def setup(device_type: str) -> tuple[int, int, torch.device]:
         device = torch.device(device_type)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
-        atexit.register(dist.destroy_process_group)  # gloo aborts a process that exits with its group open
     return rank, world, device
+
+
+def finish(code: int = 0):
+    """End this rank: wait until every rank is done, close the process group while the interpreter
+    is whole, flush, and leave without the interpreter's teardown. With the process group left to
+    that teardown (an atexit handler, or nothing), torch 2.14.1's gloo ranks aborted now and then
+    after their work was done ("terminate called without an active exception", SIGABRT). Never returns."""
+    try:
+        if dist.is_initialized():
+            dist.barrier()  # nobody closes its connections while another rank still talks
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def all_agree(error: str | None) -> list[str | None]:
@@ -231,7 +245,3 @@ def peak_memory_per_rank(device: torch.device) -> str:
     dist.all_gather_object(all_ranks, mine)
     return " / ".join(f"{m:.2f}" for m in all_ranks) + " GiB per rank" + (" (RSS)" if device.type != "cuda" else "")
 
-
-def tensor_bytes(net: nn.Module) -> int:
-    """Bytes of this rank's parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))

@@ -51,7 +51,7 @@ def unigram_token(tokenizer) -> int:
 
 
 @torch.no_grad()
-def infill_accuracy(model, stream: torch.Tensor, n: int = 200, left: int = 32, gap: int = 16, right: int = 16,
+def infill_accuracy(model, stream: torch.Tensor, *, n: int = 200, left: int = 32, gap: int = 16, right: int = 16,
                     seed: int = 0, steps: int | None = None, entropy_bound: float | None = None) -> dict:
     """Exact-token accuracy of infill, with both contexts and with the left one only."""
     w = windows(stream, n, left + gap + right, seed)
@@ -123,11 +123,13 @@ def code_eval(args) -> dict:
     inf = infill_accuracy(model, stream, n=args.snippets, steps=args.steps, entropy_bound=args.entropy_bound)
     res["infill"] = {"both_contexts": inf["both"], "left_only": inf["left_only"],
                      "unigram": (inf["truth"] == unigram_token(tok)).float().mean().item(), "snippets": args.snippets}
-    print("| noise level t | held-out loss per token |\n|---|---|")
-    for t, v in res["loss"].items():
-        print(f"| {t} | {v:.3f} |")
+    if res["loss"]:  # not with --skip-loss
+        print("| noise level t | held-out loss per token |\n|---|---|")
+        for t, v in res["loss"].items():
+            print(f"| {t} | {v:.3f} |")
+        print()
     i = res["infill"]
-    print(f"\n| infill, {args.snippets} snippets, 16-token gaps | exact-token accuracy |\n|---|---|")
+    print(f"| infill, {args.snippets} snippets, 16-token gaps | exact-token accuracy |\n|---|---|")
     print(f"| model, left + right context | {i['both_contexts']:.3f} |")
     print(f"| model, left context only | {i['left_only']:.3f} |")
     print(f"| unigram (most frequent token) | {i['unigram']:.3f} |")

@@ -6,9 +6,10 @@ this text-only implementation skips but keeps. generation_config.json (Diffusion
 holds the sampler's settings. Both are checked as they are read: a value that cannot be right is a
 CheckpointError naming the file.
 
-    from hfconfig import config_from_hf, config_to_hf
-    from model import DiffusionGemmaConfig
-    again = config_from_hf(config_to_hf(DiffusionGemmaConfig.from_name("test-b")))
+    from hfconfig import config_from_hf, config_to_hf, generation_config_to_hf, generation_settings
+    from model import DiffusionGemmaConfig; from sampler import GenerationSettings
+    again = config_from_hf(config_to_hf(DiffusionGemmaConfig.from_name("small")))
+    settings = generation_settings(generation_config_to_hf(GenerationSettings()), [1])
 """
 
 import json
@@ -109,6 +110,7 @@ def validate_config(cfg: DiffusionGemmaConfig) -> None:
             raise ValueError(f"rope_parameters has nothing for {kind}")
     if not all(isinstance(e, int) and 0 <= e < cfg.vocab_size for e in cfg.eos_token_id):
         raise ValueError(f"eos_token_id {cfg.eos_token_id} is not a list of token ids below vocab_size")
+    cfg.torch_dtype()  # a dtype torch has
 
 
 def config_to_hf(cfg: DiffusionGemmaConfig) -> dict:
@@ -189,6 +191,16 @@ def generation_settings(g: dict, config_eos: list[int], where: str = "generation
     except (TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{where} has a bad value ({e}); fix it or download it again") from None
     return settings
+
+
+def generation_config_to_hf(g: GenerationSettings) -> dict:
+    """The generation_config.json of these settings, as transformers writes DiffusionGemmaGenerationConfig."""
+    s = g.sampler
+    return {"max_new_tokens": g.max_new_tokens, "max_denoising_steps": s.max_steps,
+            "sampler_config": {"entropy_bound": s.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
+            "t_min": s.t_min, "t_max": s.t_max, "stability_threshold": s.stability_threshold,
+            "confidence_threshold": s.confidence_threshold, "eos_token_id": list(g.eos_token_ids),
+            "pad_token_id": g.pad_token_id}
 
 
 def validate_generation(g: GenerationSettings) -> None:

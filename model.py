@@ -17,10 +17,10 @@ A layer (identical in both modes):
   h = (h + post_ffw_norm(m1 + m2)) * layer_scalar
 
     import torch; from kvcache import KVCache; from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
-    model = init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name("tiny")), seed=0)
+    model = init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name("small")), seed=0)   # random weights
     cache = KVCache(model.config.layer_types, model.config.sliding_window)
     model.forward_causal(torch.tensor([[2, 17, 42]]), cache)                  # the prompt
-    logits = model.forward_canvas(torch.randint(0, 300, (1, 8)), cache)       # (1, 8, 300) fp32
+    logits = model.forward_canvas(torch.randint(0, 8192, (1, 32)), cache)     # (1, 32, 8192) fp32
 """
 
 from dataclasses import dataclass, field
@@ -111,53 +111,28 @@ class DiffusionGemmaConfig:
         return self.layer_head_dim(self.layer_types.index(layer_type))
 
     def torch_dtype(self) -> torch.dtype:
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-            self.dtype.replace("torch.", ""), torch.bfloat16)
+        """The weights' dtype; ValueError for a name that is not one of DTYPES."""
+        name = self.dtype.replace("torch.", "")
+        if name not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[name]
 
 
-_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}}
-_SMALL = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=64, num_global_key_value_heads=1, global_head_dim=128, intermediate_size=512,
-              num_experts=8, top_k_experts=2, moe_intermediate_size=128, sliding_window=64,
-              max_position_embeddings=4096, canvas_length=32, eos_token_id=[1], dtype="float32",
-              rope_parameters=_ROPE)
-_TEST_A = dict(vocab_size=300, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-               head_dim=16, global_head_dim=32, num_global_key_value_heads=1, intermediate_size=96, num_experts=8,
-               top_k_experts=2, moe_intermediate_size=32, sliding_window=16, canvas_length=16)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Every named size in one table: the released model, the bundled ones, and the shapes the tests build.
+# The named sizes: the released model and the two bundled ones, each exactly as its config.json says
+# (test_checkpoint.py compares them with weights/ and weights-code/).
 CONFIGS: dict[str, dict] = {
     "26b-a4b": {},  # google/diffusiongemma-26B-A4B-it
-    "small": _SMALL,  # the bundled code model (weights-code/), trained by train.py
-    "tiny": dict(_SMALL, vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
-                 global_head_dim=32, intermediate_size=48, num_experts=4, moe_intermediate_size=16,
-                 sliding_window=16, canvas_length=8, layer_types=["sliding_attention", "full_attention"]),
-    # parity tests: A has a prompt longer than its window and many canvases; B another layer pattern,
-    # head sizes and routing; C full layers with the sliding layers' head size and KV heads
-    "test-a": _TEST_A,
-    "test-b": dict(vocab_size=320, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                   head_dim=12, global_head_dim=24, num_global_key_value_heads=2, intermediate_size=80, num_experts=6,
-                   top_k_experts=3, moe_intermediate_size=16, sliding_window=24, canvas_length=8,
-                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
-    "test-c": dict(_TEST_A, global_head_dim=None, num_global_key_value_heads=None, canvas_length=8),
-    # the bundled Sudoku solvers (sudoku.py): one canvas is one grid of one token per cell
+    "small": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=64, num_global_key_value_heads=1, global_head_dim=128, intermediate_size=512,
+                  num_experts=8, top_k_experts=2, moe_intermediate_size=128, sliding_window=64,
+                  max_position_embeddings=4096, canvas_length=32, eos_token_id=[1]),  # weights-code/: code
     "sudoku-6": dict(vocab_size=4 + 36 * 6, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
                      intermediate_size=256, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
-                     sliding_window=64, max_position_embeddings=128, canvas_length=36, eos_token_id=[1],
-                     dtype="float32", rope_parameters=_ROPE),
-    "sudoku-9": dict(vocab_size=4 + 81 * 9, hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
-                     intermediate_size=384, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
-                     sliding_window=128, max_position_embeddings=256, canvas_length=81, eos_token_id=[1],
-                     dtype="float32", layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
-                     rope_parameters=_ROPE),  # 7.1M parameters: 14 MB in bf16, one file a device run returns
-    # the shapes the CUDA kernels take (hidden and expert sizes multiples of 64, head_dim of 16)
-    "test-kernels": dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
-                         intermediate_size=128, num_experts=8, top_k_experts=2, moe_intermediate_size=64,
-                         sliding_window=48, canvas_length=32),
+                     sliding_window=64, max_position_embeddings=80, canvas_length=36,
+                     eos_token_id=[1]),  # weights/: 6x6 Sudoku, one canvas a grid (sudoku.py)
 }
 
 
@@ -301,30 +276,17 @@ class DiffusionGemma(nn.Module):
         return self.norm(h)
 
     def forward_canvas(self, canvas: torch.Tensor, cache: KVCache,
-                       self_conditioning_logits: torch.Tensor | None = None,
-                       valids: list | None = None, sc_gate: torch.Tensor | None = None) -> torch.Tensor:
+                       self_conditioning_logits: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising pass. canvas (B, C) token ids; self_conditioning_logits (B, C, V) are the
         previous step's temperature-scaled logits (None on the first step). Returns fp32 logits
-        (B, C, V). The cache is only read. valids: canvas_valids(cache), when already made.
-        sc_gate: a device 0/1 multiplying the soft embedding (0: as if there were no previous step),
-        so that one CUDA graph serves every step, the first included."""
-        B, C = canvas.shape
+        (B, C, V). The cache is only read."""
         e = self.embed(canvas)  # (B, C, D)
-        if self_conditioning_logits is None:
-            soft = torch.zeros_like(e)
-        else:
-            soft = self.soft_embed(self_conditioning_logits)
-            if sc_gate is not None:
-                soft = soft * sc_gate.to(soft.dtype)
+        soft = torch.zeros_like(e) if self_conditioning_logits is None else self.soft_embed(self_conditioning_logits)
         h = self.self_conditioning(e, soft)
-        positions = cache.positions(C, canvas.device)  # (1, C)
-        valids = valids if valids is not None else self.canvas_valids(cache)
+        positions = cache.positions(canvas.shape[1], canvas.device)  # (1, C)
+        valids = [cache.canvas_valid(i) for i in range(self.config.num_hidden_layers)]  # the keys each layer may see
         h = self.run_layers(h, positions, cache, valids, "canvas")
         return self.logits(self.norm(h))
-
-    def canvas_valids(self, cache: KVCache) -> list:
-        """Per layer, the cached keys a denoising pass may see (None everywhere without padding)."""
-        return [cache.canvas_valid(i) for i in range(self.config.num_hidden_layers)]
 
 
 def init_weights(net: DiffusionGemma, std: float = 0.02, seed: int | None = None) -> DiffusionGemma:

@@ -66,7 +66,6 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, moe_intermediate_size))
-        self.kernel = None  # a fast path: kernel(self, x, idx, weights) (cuda_kernels.use_kernels)
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up (2I, D) and down (D, I) of expert e: the one seam a subclass with another storage
@@ -77,10 +76,9 @@ class Experts(nn.Module):
         """x (T, D), idx (T, K), weights (T, K) fp32 -> (T, D) in x's dtype.
 
         Tokens are grouped by expert: each expert runs one matmul over the tokens routed to it, so
-        no expert weight is ever copied per token.
+        no expert weight is ever copied per token. (The fused kernel, cuda_kernels.FusedExperts,
+        replaces this method as a whole.)
         """
-        if self.kernel is not None:
-            return self.kernel(self, x, idx, weights)
         T, D = x.shape
         K = idx.shape[1]
         flat_idx = idx.reshape(-1)  # (A,) assignment a = t * K + slot

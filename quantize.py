@@ -83,15 +83,19 @@ def measure(src: Path, groups=(16, 32, 64, 128)) -> list[tuple]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of quantize.py."""
-    p = Parser(description="Quantize a DiffusionGemma checkpoint (weights only).")
-    p.add_argument("src", help="checkpoint directory (ours or Hugging Face's)")
-    p.add_argument("dst", nargs="?", help="where to write the quantized checkpoint (a new directory)")
+    p = Parser(description="Quantize a DiffusionGemma checkpoint (weights only).",
+               usage="%(prog)s SRC DST [options]  |  %(prog)s --measure SRC")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory (ours or Hugging Face's)")
+    p.add_argument("dst", metavar="DST", nargs="?", help="where to write the quantized checkpoint: a new directory "
+                   "(required, except with --measure)")
     p.add_argument("--experts", choices=["int8", "int4", "none"], default="int4", help="routed experts (default int4)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size along the input dim (default 64)")
     p.add_argument("--symmetric", action="store_true", help="int4 without a zero point")
-    p.add_argument("--attention", choices=["int8", "int4", "none"], default="int8", help="attention projections")
-    p.add_argument("--mlp", choices=["int8", "int4", "none"], default="int8", help="dense and self-conditioning MLPs")
-    p.add_argument("--embedding", choices=["int8", "none"], default="none", help="the tied embedding")
+    p.add_argument("--attention", choices=["int8", "int4", "none"], default="int8",
+                   help="attention projections (default int8)")
+    p.add_argument("--mlp", choices=["int8", "int4", "none"], default="int8",
+                   help="dense and self-conditioning MLPs (default int8)")
+    p.add_argument("--embedding", choices=["int8", "none"], default="none", help="the tied embedding (default none)")
     p.add_argument("--measure", action="store_true", help="print the error of each int4/int8 choice and exit")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     return p

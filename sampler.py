@@ -26,17 +26,22 @@ One sampler step (sampler_step):
   5. a row stops when its argmax did not change since the previous step (stable) and its mean
      entropy is < confidence_threshold (confident)
 
-Random numbers are drawn in this order (so that a seed reproduces transformers token for token):
-per canvas one randint (the initial canvas); per step one multinomial, then one randint (renoise).
+Random numbers (RandomStreams) are drawn in this order, per canvas one randint (the initial canvas),
+per step one multinomial then one randint (the renoise), from one of two sources:
+  shared   torch's default generator, for the whole batch at once: a seed reproduces transformers
+           token for token, batch included (the parity tests)
+  per row  a generator per row, seeded by that row's seed, drawn only while the row is denoised:
+           a row's text depends on its prompt and its seed alone, not on the batch it ran in
+For a batch of one the two are the same draws.
 
-    import torch; from sampler import DenoiseState, SamplerSettings, sampler_step
-    state = DenoiseState.start(batch=1, length=8, vocab_size=50, device="cpu")
-    state = sampler_step(state, torch.randn(1, 8, 50), 48, SamplerSettings(), torch.float32)
+    import torch; from sampler import DenoiseState, RandomStreams, SamplerSettings, sampler_step
+    state = DenoiseState.start(1, 8, 50, RandomStreams([0], "cpu"), steps=48)
+    state = sampler_step(state, torch.randn(1, 8, 50), SamplerSettings(), torch.float32)
 """
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,7 +63,7 @@ class SamplerSettings:
 
 def temperature(step, s: SamplerSettings, device=None) -> torch.Tensor:
     """Linear schedule, computed in fp32 exactly as transformers does (step is an int32 tensor there).
-    step: an int, or an int32 tensor already on the device (a CUDA graph changes it between replays)."""
+    step: an int, or an int32 tensor already on the device (a fast path changes it there)."""
     step_t = step if isinstance(step, torch.Tensor) else torch.tensor(step, dtype=torch.int32, device=device)
     return s.t_min + (s.t_max - s.t_min) * (step_t / s.max_steps)
 
@@ -83,9 +88,46 @@ def entropy_bound_accept(token_entropy: torch.Tensor, bound: float) -> torch.Ten
     return torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
 
 
-def random_canvas(batch: int, length: int, vocab_size: int, device) -> torch.Tensor:
-    """Uniformly random tokens: a new canvas, or the renoise draw."""
-    return torch.randint(0, vocab_size, (batch, length), device=device)
+class RandomStreams:
+    """Where a loop's random numbers come from: torch's default generator shared by the batch
+    (seeds None), or one generator per row seeded by seeds[row]. `drawing` (B,) bool says which rows
+    draw; per-row streams skip the others (a row alone would not draw there), the shared stream
+    draws for every row, as transformers does."""
+
+    def __init__(self, seeds: list[int] | None, device):
+        self.device = torch.device(device)
+        self.generators = None if seeds is None else [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    @property
+    def per_row(self) -> bool:
+        return self.generators is not None
+
+    def rows(self, drawing: torch.Tensor, draw, C: int) -> torch.Tensor:
+        """(B, C): draw(row, generator) -> (C,) for the rows that draw, zeros (unused) for the others."""
+        zeros = torch.zeros(C, dtype=torch.long, device=self.device)
+        return torch.stack([draw(b, g) if on else zeros
+                            for b, (g, on) in enumerate(zip(self.generators, drawing.tolist()))])
+
+    def randint(self, high: int, B: int, C: int, drawing: torch.Tensor) -> torch.Tensor:
+        """(B, C) uniformly random token ids in [0, high)."""
+        if not self.per_row:
+            return torch.randint(0, high, (B, C), device=self.device)
+        return self.rows(drawing, lambda b, g: torch.randint(0, high, (1, C), device=self.device, generator=g)[0], C)
+
+    def multinomial(self, probs: torch.Tensor, drawing: torch.Tensor) -> torch.Tensor:
+        """(B, C): one sample per position of probs (B, C, V)."""
+        B, C, V = probs.shape
+        if not self.per_row:
+            return torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
+        return self.rows(drawing, lambda b, g: torch.multinomial(probs[b], 1, generator=g)[:, 0], C)
+
+    def keys(self, drawing: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 keys of a counter-based sampler (cuda_kernels.sampler_stats), one per row:
+        from each row's stream, or all from the shared one."""
+        B = len(drawing)
+        if not self.per_row:
+            return torch.randint(0, 2 ** 62, (B,), device=self.device)
+        return self.rows(drawing, lambda b, g: torch.randint(0, 2 ** 62, (1,), device=self.device, generator=g), 1)[:, 0]
 
 
 @dataclass
@@ -96,83 +138,34 @@ class DenoiseState:
     sc_logits: torch.Tensor | None  # (B, C, V) previous temperature-scaled logits, in the weights' dtype
     finished: torch.Tensor  # (B,) rows whose denoising has stopped
     history: torch.Tensor | None  # (stability_threshold, B, C) previous argmaxes, -1 before the first
+    step: int | torch.Tensor  # the step the next pass runs: max_steps down to 1
+    rng: RandomStreams
+    pinned: torch.Tensor | None = None  # (B, C) bool: positions fixed by the caller (infill, closing tags)
+    pinned_tokens: torch.Tensor | None = None  # (B, C) their tokens
+    index: int = 0  # which canvas of the generation this is
     accepted: torch.Tensor | None = None  # (B, C) positions accepted at the last step
     entropy: torch.Tensor | None = None  # (B, C) token entropies at the last step
 
     @classmethod
-    def start(cls, batch: int, length: int, vocab_size: int, device, pinned: torch.Tensor | None = None,
-              pinned_tokens: torch.Tensor | None = None) -> "DenoiseState":
-        canvas = random_canvas(batch, length, vocab_size, device)
+    def start(cls, batch: int, length: int, vocab_size: int, rng: RandomStreams, steps: int, *,
+              pins: tuple | None = None, index: int = 0, done: torch.Tensor | None = None) -> "DenoiseState":
+        """A fresh canvas of random tokens. pins: (pinned, tokens), both (B, C). done (B,): rows whose
+        sequence has ended; per-row streams leave them out (frozen, drawing nothing)."""
+        device = rng.device
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        if done is not None and rng.per_row:
+            finished = done.clone()
+        canvas = rng.randint(vocab_size, batch, length, ~finished)
+        pinned, tokens = pins if pins is not None else (None, None)
         if pinned is not None:
-            canvas = torch.where(pinned, pinned_tokens, canvas)
-        return cls(canvas=canvas, argmax=canvas, sc_logits=None,
-                   finished=torch.zeros(batch, dtype=torch.bool, device=device), history=None)
+            canvas = torch.where(pinned, tokens, canvas)
+        return cls(canvas=canvas, argmax=canvas, sc_logits=None, finished=finished, history=None, step=steps,
+                   rng=rng, pinned=pinned, pinned_tokens=tokens, index=index)
 
 
-def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, step: int, s: SamplerSettings,
-                 sc_dtype: torch.dtype, pinned: torch.Tensor | None = None,
-                 pinned_tokens: torch.Tensor | None = None, sync_free: bool = False, stats=None) -> DenoiseState:
-    """Turn one denoising pass's raw logits (B, C, V) fp32 into the next state.
-
-    pinned (B, C) bool with pinned_tokens (B, C): positions fixed by the caller (infill, closing
-    tags). They are never renoised and their argmax is the pinned token.
-    sync_free: never wait for the GPU (for CUDA graphs): finished rows keep their canvas and argmax
-    without a data-dependent branch, and their self-conditioning logits are not kept (they feed
-    nothing that a finished row still uses).
-    stats(raw_logits, T) -> (sampled, argmax, entropy, scaled logits in sc_dtype): a fused pass over
-    the logits (cuda_kernels.sampler_stats) for steps 1-2; it samples from another random stream.
-    """
-    B, C, V = raw_logits.shape
-    T = temperature(step, s, raw_logits.device)
-    if stats is not None:
-        sampled, new_argmax, h, logits = stats(raw_logits, T)
-        if not sync_free and not bool(torch.isfinite(h).all()):
-            raise NonFiniteLogits(-1, step)
-    else:
-        logits = raw_logits / T  # (B, C, V)
-        h = entropy(logits)  # (B, C); NaN wherever the logits are
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if not sync_free and not bool(torch.isfinite(h).all()):
-            raise NonFiniteLogits(-1, step)  # before sampling from garbage (the caller knows the canvas)
-        if sync_free:  # keep multinomial's input valid; the caller checks the entropies once per canvas
-            probs = torch.nan_to_num(probs, nan=1.0)
-        sampled = torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
-        del probs
-        new_argmax = torch.argmax(logits, dim=-1)  # (B, C)
-
-    if pinned is not None:
-        h = h.masked_fill(pinned, 0.0)  # a pinned token is certain: always accepted, costs nothing
-    accepted = entropy_bound_accept(h, s.entropy_bound)
-    next_canvas = torch.where(accepted, sampled, state.canvas)
-    noise = random_canvas(B, C, V, raw_logits.device)
-    next_canvas = torch.where(~accepted, noise, next_canvas)  # renoise everything not accepted
-    if pinned is not None:
-        next_canvas = torch.where(pinned, pinned_tokens, next_canvas)
-        new_argmax = torch.where(pinned, pinned_tokens, new_argmax)
-
-    finished, history = state.finished, state.history
-    if s.confidence_threshold is not None:
-        # finished rows keep what they had; sync_free (CUDA graphs) skips the check for any, and then
-        # does not keep their self-conditioning logits (nothing a finished row uses reads them)
-        if sync_free or finished.any():
-            new_argmax = torch.where(finished[:, None], state.argmax, new_argmax)
-            next_canvas = torch.where(finished[:, None], state.canvas, next_canvas)
-        if not sync_free and finished.any():
-            logits = torch.where(finished[:, None, None], state.sc_logits, logits)
-        if s.stability_threshold == 0:
-            stable = torch.ones(B, dtype=torch.bool, device=logits.device)
-        else:
-            if history is None:
-                history = torch.full((s.stability_threshold, B, C), -1, dtype=new_argmax.dtype,
-                                     device=new_argmax.device)
-            stable = (history == new_argmax[None]).all(dim=-1).all(dim=0)
-            history = torch.roll(history, shifts=-1, dims=0)
-            history[-1] = new_argmax
-        confident = h.mean(dim=-1) < s.confidence_threshold
-        finished = finished | (stable & confident)
-
-    return DenoiseState(canvas=next_canvas, argmax=new_argmax, sc_logits=logits.to(sc_dtype),
-                        finished=finished, history=history, accepted=accepted, entropy=h)
+class RequestError(ValueError):
+    """What was asked cannot be generated as asked (an empty prompt, a pin beyond the canvas, too
+    little context): the message says what to change."""
 
 
 class NonFiniteLogits(RuntimeError):
@@ -182,6 +175,56 @@ class NonFiniteLogits(RuntimeError):
         where = f"canvas {canvas + 1}" + (f", step {step}" if step is not None else "")
         super().__init__(f"the model produced non-finite logits at {where}")
         self.canvas, self.step = canvas, step
+
+
+def logit_stats(raw: torch.Tensor, T: torch.Tensor, state: DenoiseState) -> tuple:
+    """Steps 1-2 and the renoise draw, on the plain path: raw (B, C, V) fp32 and the temperature ->
+    (sampled, argmax, entropy, scaled logits, noise). Stops at NaN logits, before sampling from them.
+    The seam of this file: a fused pass with this signature (cuda_kernels.fused_stats) replaces it."""
+    B, C, V = raw.shape
+    logits = raw / T  # (B, C, V)
+    h = entropy(logits)  # (B, C); NaN wherever the logits are
+    if not bool(torch.isfinite(h).all()):
+        raise NonFiniteLogits(state.index, int(state.step))
+    drawing = ~state.finished
+    sampled = state.rng.multinomial(torch.softmax(logits, dim=-1, dtype=torch.float32), drawing)
+    noise = state.rng.randint(V, B, C, drawing)  # drawn after the samples: transformers' order
+    return sampled, torch.argmax(logits, dim=-1), h, logits, noise
+
+
+def stability(history: torch.Tensor | None, argmax: torch.Tensor, k: int) -> tuple:
+    """Whether each row's argmax equals its previous k argmaxes, and the history with it appended."""
+    B, C = argmax.shape
+    if k == 0:
+        return torch.ones(B, dtype=torch.bool, device=argmax.device), history
+    if history is None:  # before the first step: -1, never equal
+        history = torch.full((k, B, C), -1, dtype=argmax.dtype, device=argmax.device)
+    stable = (history == argmax[None]).all(dim=-1).all(dim=0)
+    return stable, torch.cat([history[1:], argmax[None]])
+
+
+def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, s: SamplerSettings, sc_dtype: torch.dtype,
+                 stats=logit_stats) -> DenoiseState:
+    """Turn one denoising pass's raw logits (B, C, V) fp32 into the next state. Pinned positions
+    count as certain (entropy 0, always accepted) and keep their token; finished rows keep their
+    canvas and argmax (their self-conditioning logits are not kept: nothing reads them)."""
+    T = temperature(state.step, s, raw_logits.device)
+    sampled, argmax, h, logits, noise = stats(raw_logits, T, state)  # 1-2
+    if state.pinned is not None:
+        h = h.masked_fill(state.pinned, 0.0)
+    accepted = entropy_bound_accept(h, s.entropy_bound)  # 3
+    canvas = torch.where(accepted, sampled, noise)  # 4: renoise everything not accepted
+    if state.pinned is not None:
+        canvas = torch.where(state.pinned, state.pinned_tokens, canvas)
+        argmax = torch.where(state.pinned, state.pinned_tokens, argmax)
+    finished, history = state.finished, state.history
+    if s.confidence_threshold is not None:  # 5
+        argmax = torch.where(finished[:, None], state.argmax, argmax)
+        canvas = torch.where(finished[:, None], state.canvas, canvas)
+        stable, history = stability(history, argmax, s.stability_threshold)
+        finished = finished | (stable & (h.mean(dim=-1) < s.confidence_threshold))
+    return replace(state, canvas=canvas, argmax=argmax, sc_logits=logits.to(sc_dtype), finished=finished,
+                   history=history, step=state.step - 1, accepted=accepted, entropy=h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +267,7 @@ class GenerationResult:
     """What block_diffusion returns."""
     sequences: torch.Tensor  # (B, P + n_canvas * C): prompts (left padded) + whole canvases, as transformers
     tokens: list  # per row: the new tokens, cut after EOS and at max_new_tokens
+    prompt_length: int = 0  # P: the left-padded prompts' width
     canvases: int = 0
     steps: list = field(default_factory=list)  # denoising steps run for each canvas
     seconds: float = 0.0
@@ -246,30 +290,28 @@ def finalize_canvas(seq: torch.Tensor, finished: torch.Tensor, C: int, eos: torc
     return finished
 
 
-def denoise_canvas(model, cache: KVCache, state: DenoiseState, s: SamplerSettings,
-                   pinned=None, pinned_tokens=None, on_step=None, stats=None) -> tuple[DenoiseState, int]:
+def denoise_canvas(model, cache: KVCache, state: DenoiseState, s: SamplerSettings, on_step=None,
+                   stats=logit_stats) -> tuple[DenoiseState, int]:
     """Refine one canvas: up to s.max_steps denoising steps (step counts down), stopping early once
     every row is stable and confident. Returns the final state and the number of steps run.
-    Raises NonFiniteLogits (canvas index -1: block_diffusion knows it) on NaN logits.
-    stats: a fused sampler pass (sampler_step). (cudagraph.GraphedDenoiser is the same function with
-    the step captured in a CUDA graph.)"""
+    stats: the plain sampler pass or a fused one (sampler_step). A fast path with this signature may
+    take its place (block_diffusion's denoise)."""
     steps = 0
-    valids = model.canvas_valids(cache)  # fixed for the whole canvas
-    for step in range(s.max_steps, 0, -1):
-        raw = model.forward_canvas(state.canvas, cache, state.sc_logits, valids)  # (B, C, V) fp32
-        state = sampler_step(state, raw, step, s, model.dtype, pinned, pinned_tokens, stats=stats)
+    while state.step > 0:
+        raw = model.forward_canvas(state.canvas, cache, state.sc_logits)  # (B, C, V) fp32
+        state = sampler_step(state, raw, s, model.dtype, stats)
         steps += 1
         if on_step is not None:
-            on_step(step, state)
-        if bool(state.finished.all()):  # the stop rule (sampler_step has caught NaN logits)
+            on_step(state.step + 1, state)
+        if bool(state.finished.all()):  # the stop rule
             break
     return state, steps
 
 
-def canvas_pins(pins, ci: int, B: int, C: int, device):
-    """The (B, C) pinned mask and tokens of canvas ci, or (None, None)."""
+def canvas_pins(pins, ci: int, B: int, C: int, device) -> tuple | None:
+    """The (pinned, tokens) pair, both (B, C), of canvas ci from per-row {offset: token}, or None."""
     if not pins or not any(pins):
-        return None, None
+        return None
     mask = torch.zeros(B, C, dtype=torch.bool, device=device)
     tokens = torch.zeros(B, C, dtype=torch.long, device=device)
     for b, row in enumerate(pins):
@@ -277,7 +319,17 @@ def canvas_pins(pins, ci: int, B: int, C: int, device):
             if ci * C <= offset < (ci + 1) * C:
                 mask[b, offset - ci * C] = True
                 tokens[b, offset - ci * C] = tok
-    return (mask, tokens) if mask.any() else (None, None)
+    return (mask, tokens) if mask.any() else None
+
+
+def check_context(config, n_prompt: int, max_new_tokens: int, name: str = "prompt") -> None:
+    """RequestError unless the prompt and its whole canvases fit in the model's positions."""
+    limit = config.max_position_embeddings
+    need = GenerationSettings(max_new_tokens=max_new_tokens).positions(n_prompt, config.canvas_length)
+    if need > limit:
+        raise RequestError(f"the {name} has {n_prompt} token{'s' * (n_prompt != 1)}; with {max_new_tokens} new "
+                           f"tokens that needs {need} positions but the model has {limit}: shorten it or ask for "
+                           "fewer new tokens")
 
 
 def trim(tokens: list[int], settings: GenerationSettings) -> list[int]:
@@ -301,18 +353,28 @@ def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     return seq, (None if bool(valid.all()) else valid)
 
 
+def growing_cache(model, batch: int, capacity: int) -> KVCache:
+    """The default cache factory of block_diffusion: the plain KVCache, which grows as it is written."""
+    return KVCache(model.config.layer_types, model.config.sliding_window)
+
+
 @torch.no_grad()
-def block_diffusion(model, prompts: list[list[int]], settings: GenerationSettings,
-                    pins: list[dict[int, int]] | None = None, on_step=None, on_canvas=None,
-                    denoise=denoise_canvas, cache: KVCache | None = None) -> GenerationResult:
+def block_diffusion(model, prompts: list[list[int]], settings: GenerationSettings, *, pins=None, seeds=None,
+                    on_step=None, on_canvas=None, denoise=denoise_canvas, new_cache=growing_cache,
+                    cache: KVCache | None = None) -> GenerationResult:
     """Generate continuations of token-id prompts (a batch, left padded).
 
     pins: per row {offset from the first new token: token id}; those positions of the canvases are
     fixed (infill, templates, closing tags) and never renoised.
-    on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, seq, finished)
-    after every commit. denoise: denoise_canvas, or a faster function with its signature.
+    seeds: per row, the seed of its own random stream (RandomStreams); None: torch's default
+    generator, shared by the batch, as transformers draws.
+    on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, new, finished)
+    after every commit, new (B, tokens so far) the committed tokens after the prompts.
+    denoise: denoise_canvas, or a faster function with its signature;
+    new_cache(model, batch, capacity): the KV cache of a generation (growing_cache, or a fast path's
+    fixed buffers).
     cache: a KVCache that already holds what came before the prompts (a chat's earlier turns; the
-    prompts are then the tokens it lacks); left holding everything committed. Default: a new one.
+    prompts are then the tokens it lacks); left holding everything committed.
     """
     c = model.config
     C, V = c.canvas_length, c.vocab_size
@@ -321,29 +383,25 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     B, P = seq.shape
     max_length = P + settings.max_new_tokens
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
-    if cache is None:  # a denoiser may bring its own kind (cudagraph.GraphedDenoiser: fixed buffers)
-        make = getattr(denoise, "new_cache", None)
-        cache = make(model, B, settings.positions(P, C)) if make else KVCache(c.layer_types, c.sliding_window)
+    cache = cache if cache is not None else new_cache(model, B, settings.positions(P, C))
+    rng = RandomStreams(seeds, device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    result = GenerationResult(sequences=seq, tokens=[])
+    result = GenerationResult(sequences=seq, tokens=[], prompt_length=P)
     t0 = time.perf_counter()
 
     pending, pending_valid = seq, valid
     for ci in range(settings.canvases(C)):
         model.forward_causal(pending, cache, pending_valid)  # 1. read what the cache lacks
-        pinned, pinned_tokens = canvas_pins(pins, ci, B, C, device)
-        state = DenoiseState.start(B, C, V, device, pinned, pinned_tokens)  # 2. random canvas
+        state = DenoiseState.start(B, C, V, rng, settings.sampler.max_steps, pins=canvas_pins(pins, ci, B, C, device),
+                                   index=ci, done=finished)  # 2. a random canvas
         step_hook = None if on_step is None else (lambda step, st, ci=ci: on_step(ci, step, st))
-        try:
-            state, steps = denoise(model, cache, state, settings.sampler, pinned, pinned_tokens, step_hook)  # 3.
-        except NonFiniteLogits as e:
-            raise NonFiniteLogits(ci, e.step) from None
+        state, steps = denoise(model, cache, state, settings.sampler, step_hook)  # 3.
         seq = torch.cat([seq, state.argmax], dim=1)  # 4. commit the argmax
         finished = finalize_canvas(seq, finished, C, eos, settings.pad_token_id, max_length)
         result.steps.append(steps)
         result.canvases += 1
         if on_canvas is not None:
-            on_canvas(ci, seq, finished)
+            on_canvas(ci, seq[:, P:], finished)
         if bool(finished.all()):
             break
         pending, pending_valid = seq[:, -C:], None
@@ -354,16 +412,19 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     return result
 
 
-def run_batches(model, prompts: list[list[int]], settings: GenerationSettings, batch_size: int,
-                pins=None, on_batch=None, on_canvas=None, **kw) -> list[GenerationResult]:
+def run_batches(model, prompts: list[list[int]], settings: GenerationSettings, batch_size: int, *,
+                pins=None, seeds=None, on_batch=None, on_canvas=None, **kw) -> list[GenerationResult]:
     """block_diffusion over successive batches of batch_size prompts, results in input order, so
-    that memory stays bounded however many prompts there are. on_batch(start, result) after each
-    batch, on_canvas(start, canvas_index, seq, finished) after each commit."""
+    that memory stays bounded however many prompts there are. pins and seeds: per prompt.
+    on_batch(start, result) after each batch, on_canvas(start, canvas_index, new, finished) after
+    each commit; kw: block_diffusion's other options."""
     results = []
     for start in range(0, len(prompts), batch_size):
-        hook = None if on_canvas is None else (lambda ci, seq, fin, start=start: on_canvas(start, ci, seq, fin))
-        result = block_diffusion(model, prompts[start: start + batch_size], settings, on_canvas=hook,
-                                 pins=None if pins is None else pins[start: start + batch_size], **kw)
+        stop = start + batch_size
+        hook = None if on_canvas is None else (lambda ci, new, fin, start=start: on_canvas(start, ci, new, fin))
+        result = block_diffusion(model, prompts[start: stop], settings, on_canvas=hook,
+                                 pins=None if pins is None else pins[start: stop],
+                                 seeds=None if seeds is None else seeds[start: stop], **kw)
         results.append(result)
         if on_batch is not None:
             on_batch(start, result)

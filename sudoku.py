@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler import GenerationSettings, block_diffusion
+from sampler import GenerationSettings, SamplerSettings, block_diffusion
 
 FIRST_CELL_TOKEN = 4  # after <pad> <eos> <bos> <unk>
 BOS = 2
@@ -32,6 +32,12 @@ EASY = {6: (14, 20), 9: (30, 40)}
 HARD = {6: (8, 11), 9: (20, 25)}
 VALIDATION_SEED, TEST_SEED = 10 ** 6, 2 * 10 ** 6  # puzzles seen while training / reported by eval.py
 DEMO_SAMPLES = 8  # bare `python generate.py` solves its puzzle best-of-8, with the rules as the check
+# the 9x9 model's size (model.CONFIGS["sudoku-6"] is the bundled 6x6 one): 7.8M parameters, one canvas a grid
+SUDOKU_9 = dict(vocab_size=4 + 81 * 9, hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
+                intermediate_size=384, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
+                sliding_window=128, max_position_embeddings=2 * 81 + 8, canvas_length=81, eos_token_id=[1],
+                layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2)
 
 
 @dataclass(frozen=True)
@@ -221,11 +227,25 @@ def template(puzzle: list[int], shape: Shape, hole: str = "_") -> str:
 
 
 def parse_grid(text: str, shape: Shape) -> list[int]:
-    """Digits of a grid written as text: n*n digits, 0 or . for empty cells; other characters are ignored."""
+    """Digits of a grid written as text: n*n digits, 0 or . for empty cells; other characters are
+    ignored. ValueError names what is wrong: the count, a digit out of range, givens that clash, or
+    a puzzle without a solution."""
     cells = [0 if ch in ".0" else int(ch) for ch in text if ch == "." or ch.isdigit()]
-    if len(cells) != shape.cells or any(d > shape.n for d in cells):
+    if len(cells) != shape.cells:
         raise ValueError(f"a {shape.n}x{shape.n} grid needs {shape.cells} digits 1-{shape.n} (0 or . for empty), "
                          f"got {len(cells)}")
+    wrong = next((i for i, d in enumerate(cells) if d > shape.n), None)
+    if wrong is not None:
+        raise ValueError(f"{token_name(wrong, cells[wrong], shape.n)} is out of range: the digits are 1-{shape.n}")
+    for unit in units(shape):
+        seen = {}
+        for i in unit:
+            if cells[i] and cells[i] in seen:
+                raise ValueError(f"{token_name(seen[cells[i]], cells[i], shape.n)} and "
+                                 f"{token_name(i, cells[i], shape.n)} share a row, column or box")
+            seen[cells[i]] = i
+    if not solve(cells, shape, limit=1):
+        raise ValueError("the puzzle has no solution: check the givens")
     return cells
 
 
@@ -266,12 +286,11 @@ def write_tokenizer(shape: Shape, path) -> None:
 # Solving with a model
 # ---------------------------------------------------------------------------------------------
 
-def generation_config(shape: Shape) -> dict:
-    """generation_config.json of a Sudoku model: one canvas, no end token, a generous step budget."""
-    return {"max_new_tokens": shape.cells, "max_denoising_steps": 32,
-            "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
-            "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
-            "eos_token_id": [], "pad_token_id": 0}
+def generation_settings(shape: Shape) -> GenerationSettings:
+    """The sampling of a Sudoku model (its generation_config.json): one canvas, no end token, a
+    generous step budget."""
+    return GenerationSettings(max_new_tokens=shape.cells, sampler=SamplerSettings(max_steps=32, entropy_bound=0.5),
+                              eos_token_ids=(), pad_token_id=0)
 
 
 def pins_of(puzzle: list[int], shape: Shape) -> dict[int, int]:
@@ -282,7 +301,8 @@ def pins_of(puzzle: list[int], shape: Shape) -> dict[int, int]:
 @torch.no_grad()
 def solve_with(model, puzzles: list[list[int]], shape: Shape, settings: GenerationSettings,
                samples: int = 1, **kw) -> list[list[list[int]]]:
-    """Per puzzle, `samples` grids denoised by the model with the givens pinned (one batch)."""
+    """Per puzzle, `samples` grids denoised by the model with the givens pinned (one batch).
+    kw: block_diffusion's options (seeds, one per puzzle and sample; denoise; ...)."""
     prompts = [[BOS]] * (len(puzzles) * samples)
     pins = [pins_of(p, shape) for p in puzzles for _ in range(samples)]
     result = block_diffusion(model, prompts, settings.copy(max_new_tokens=shape.cells), pins=pins, **kw)
@@ -290,7 +310,7 @@ def solve_with(model, puzzles: list[list[int]], shape: Shape, settings: Generati
     return [grids[i * samples: (i + 1) * samples] for i in range(len(puzzles))]
 
 
-def solve_rate(model, pairs: list[tuple[list[int], list[int]]], shape: Shape, settings: GenerationSettings,
+def solve_rate(model, pairs: list[tuple[list[int], list[int]]], shape: Shape, settings: GenerationSettings, *,
                samples: int = 1, seed: int = 0, batch: int = 256) -> float:
     """Share of puzzles solved exactly: with samples > 1, by any sample that passes the validity check
     (best-of-N; a valid grid that keeps the givens of a unique-solution puzzle is its solution)."""

@@ -82,7 +82,8 @@ def test_chat_from_a_pipe(chat_ckpt):
     read = [int(ln.split("(")[1].split()[0]) for ln in reads]
     held = [int(ln.split(", ")[1].split()[0]) for ln in reads]
     assert read[0] == held[0] and read[1] < held[1] and read[2] == held[2]  # turn 2 reused the cache; /reset did not
-    assert p.stdout.count("\n") == 3
+    turns = [ln for ln in p.stdout.splitlines() if ln.startswith("> ")]
+    assert turns == ["> hi", "> what is 2+2?", "> again"] and p.stdout.count("\n") == 6  # each turn, then its reply
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_ckpt), "--chat"], input="",
                        cwd=HERE, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and p.stdout == ""  # Ctrl-D (end of input) at once

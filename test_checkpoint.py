@@ -2,6 +2,7 @@
 atomic writes, and a corrupted download in many shapes: each is one line naming the file and what to
 do (exit 1), with no traceback and nothing written."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,8 @@ import torch
 
 import generate
 from checkpoint import load_model, resolve_checkpoint, save_checkpoint, staged_directory
-from hfconfig import CheckpointError, config_from_hf, config_to_hf
+from conftest import test_config
+from hfconfig import CheckpointError, config_from_hf, config_to_hf, read_config
 from model import DiffusionGemmaConfig
 
 HERE = Path(__file__).resolve().parent
@@ -45,13 +47,20 @@ def test_config_reads_both_layouts():
         config_from_hf({"model_type": "llama"})
 
 
-@pytest.mark.parametrize("name", ["26b-a4b", "test-b", "test-c", "sudoku-6"])
+@pytest.mark.parametrize("name", ["26b-a4b", "small", "sudoku-6", "test-b", "test-c"])
 def test_config_round_trip(name):
-    cfg = DiffusionGemmaConfig.from_name(name)
+    cfg = test_config(name) if name.startswith("test") else DiffusionGemmaConfig.from_name(name)
     back = config_from_hf(config_to_hf(cfg))
     for i in range(cfg.num_hidden_layers):
         assert (back.layer_head_dim(i), back.layer_kv_heads(i)) == (cfg.layer_head_dim(i), cfg.layer_kv_heads(i))
     assert back.layer_types == cfg.layer_types and back.canvas_length == cfg.canvas_length
+
+
+@pytest.mark.parametrize("name,folder", [("small", "weights-code"), ("sudoku-6", "weights")])
+def test_the_named_sizes_are_the_bundled_configs(name, folder):
+    """model.CONFIGS says what the bundled config.json files say, field for field."""
+    bundled = dataclasses.replace(read_config(HERE / folder), passthrough={})  # its vision_config stays in the file
+    assert bundled == DiffusionGemmaConfig.from_name(name)
 
 
 def test_released_shape():
@@ -163,7 +172,7 @@ def bigger_tokenizer(d: Path):
     (d / "tokenizer.json").write_text(json.dumps(tok))
 
 
-CASES = {
+CASES = {  # name: (damage, what the one line must name)
     **{f"shard{s}-truncated-{name}": (truncate(s, where), f"model-0000{s}-of-00002.safetensors")
        for s in (1, 2) for name, where in (("empty", lambda r: 0), ("in-length", lambda r: 5),
                                            ("in-header", lambda r: header_len(r) // 2),
@@ -207,6 +216,7 @@ CASES = {
     "config-layer-type-unknown": (set_text("layer_types", ["sliding_attention"] * 5 + ["global"]), "config.json"),
     "config-last-layer-sliding": (set_text("layer_types", ["full_attention"] + ["sliding_attention"] * 5), "config.json"),
     "config-size-disagrees-with-weights": (set_text("intermediate_size", 256), "model-0000"),
+    "config-dtype-unknown": (edit_json("config.json", lambda c: c.__setitem__("dtype", "bfloat8")), "config.json"),
     "generation-zero-steps": (edit_json("generation_config.json", lambda g: g.__setitem__("max_denoising_steps", 0)),
                               "generation_config.json"),
     "generation-negative-bound": (edit_json("generation_config.json", lambda g: g["sampler_config"].__setitem__(

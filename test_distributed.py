@@ -53,17 +53,24 @@ try:
     model, sharding = distributed.load_sharded(load, "cpu", checkpoint.CheckpointError)
 except checkpoint.CheckpointError as e:
     print("error:", e, file=sys.stderr)
-    sys.exit(1)
-whole = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
-            if n not in sharding.slices)
+    distributed.finish(1)
+except SystemExit as e:
+    distributed.finish(e.code)
+state = model.state_dict()
+whole = sum(t.numel() * t.element_size() for n, t in state.items() if n not in sharding.slices)
 with open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w") as f:  # one file a rank: stdout lines interleave
-    json.dump({"rank": dist.get_rank(), "bytes": distributed.tensor_bytes(model), "whole": whole}, f)
+    json.dump({"rank": dist.get_rank(), "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+               "whole": whole}, f)
+distributed.finish(0)
 """
+
+
+def tensor_bytes(net) -> int:
+    return sum(t.numel() * t.element_size() for t in net.state_dict().values())
 
 
 def test_each_rank_holds_its_share(ckpt_b, tmp_path):
     from checkpoint import load_model
-    from distributed import tensor_bytes
     script = tmp_path / "share.py"
     script.write_text(SCRIPT)
     p = torchrun(script, ckpt_b[0], "share", tmp_path)

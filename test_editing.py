@@ -105,8 +105,9 @@ def test_best_of_n_picks_the_first_accepted(chat_free_ckpt):
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_free_ckpt), "--template", "x = ______",
                         "--samples", "6", "--accept", "grep -q 'x = '", "--steps", "2"],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.startswith("x = ") and "6 of 6 samples pass" in p.stderr, p.stderr
+    assert p.returncode == 0 and p.stdout.startswith("x = ") and "6 of 6 samples accepted by grep" in p.stderr, p.stderr
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_free_ckpt), "--template", "x = ______",
                         "--samples", "3", "--accept", "false", "--steps", "2"],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and "0 of 3 samples pass" in p.stderr
+    assert p.returncode == 1 and p.stdout == "" and "0 of 3 samples accepted by false" in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: none of the 3 samples was accepted by false")

@@ -206,3 +206,105 @@ def test_no_model_anywhere(tmp_path):
     shutil.copytree(HERE / "cuda_kernels", tmp_path / "cuda_kernels")
     p = subprocess.run([sys.executable, str(tmp_path / "generate.py")], capture_output=True, text=True, cwd=tmp_path)
     assert_one_line_error(p.returncode, p.stderr, 2, "no model given", "--model")
+
+
+# ---- the device: its own errors, never blamed on the files ---------------------------------------
+
+def test_an_unknown_device_is_a_flag_mistake(capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.run(["--device", "tpu", "hi"])
+    assert_one_line_error(e.value.code, capsys.readouterr().err, 2, "unknown device 'tpu'", "cuda, cuda:N, cpu or mps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_names_the_device_not_the_files(capsys):
+    rc, _, err = in_process(capsys, "--model", "weights-code", "--device", "cuda", "--max-new-tokens", 4, "x")
+    assert_one_line_error(rc, err, 1, "CUDA is not available", "--device cpu")
+    assert "download" not in err and "safetensors" not in err
+
+
+def test_a_device_that_fails_while_loading_is_the_devices_fault(monkeypatch, capsys):
+    import checkpoint
+
+    class Unmovable(torch.Tensor):
+        def to(self, *a, **kw):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+    with pytest.raises(checkpoint.DeviceError, match="cannot move the weights to cpu: CUDA error: an illegal memory"):
+        checkpoint.to_device(torch.zeros(2).as_subclass(Unmovable), torch.device("cpu"))
+    monkeypatch.setattr(checkpoint, "to_device", lambda t, d: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")))
+    rc, _, err = in_process(capsys, "--model", "weights-code", "--device", "cpu", "x")
+    assert_one_line_error(rc, err, 1, "out of memory on cpu", "allocating 1.50 GiB", "while loading the weights",
+                          "quantize.py", "torchrun")
+    assert "download" not in err and "--batch-size" not in err
+
+
+# ---- the same seed, the same text, whatever the batch -------------------------------------------
+
+def test_a_prompt_gets_the_same_text_alone_and_in_any_batch(chat_free_ckpt, tmp_path):
+    """Every prompt draws from its own stream (--seed): its text does not depend on the prompts
+    beside it, nor on --batch-size (whose default depends on the free memory)."""
+    args = ["--model", chat_free_ckpt, "--max-new-tokens", 12, "--steps", 3, "--seed", 5, "--quiet"]
+    rc, alone, err = cli(*args, "def add")
+    assert rc == 0 and alone.startswith("def add"), err
+    f = tmp_path / "p.txt"
+    f.write_text("the quick brown fox\n\ndef add\nfor i in range(10):\n", encoding="utf-8")
+    for size in (1, 2, 3):
+        rc, out, err = cli(*args, "--batch-file", f, "--batch-size", size)
+        assert rc == 0, err
+        blocks = out.split("=== ")[1:]
+        assert [b.split("\n")[0] for b in blocks] == ["1: the quick brown fox", "3: def add", "4: for i in range(10):"]
+        assert "def add" + blocks[1].split("\n", 1)[1] == alone  # the file's line numbers head the outputs
+    model, tok = generate.load(chat_free_ckpt, device="cpu", dtype=torch.float32)
+    one = generate.generate(model, tok, "def add", max_new_tokens=12, steps=3, seed=5, raw=True)
+    three = generate.generate(model, tok, ["x = 1", "def add", "y"], max_new_tokens=12, steps=3, seed=5, raw=True,
+                              batch_size=3)
+    assert three[1] == one and "def add" + one + "\n" == alone
+
+
+# ---- what a model cannot do is refused, never changed silently ----------------------------------
+
+@pytest.mark.parametrize("flags", [["--chat"], ["--system", "be brief", "hi"], ["--thinking", "hi"],
+                                   ["--print-prompt", "--system", "be brief", "hi"]])
+def test_chat_flags_need_a_chat_format(flags, capsys):
+    rc, out, err = in_process(capsys, "--model", "weights-code", "--device", "cpu", *flags)
+    assert_one_line_error(rc, err, 2, "weights-code has no chat format", "instruction-tuned")
+    assert out == ""
+
+
+def test_a_tokenizer_of_another_model_is_refused(capsys):
+    rc, _, err = in_process(capsys, "--model", "weights-code", "--tokenizer", "weights/tokenizer.json", "--device", "cpu",
+                            "x")
+    assert_one_line_error(rc, err, 2, "weights/tokenizer.json has 220 tokens", "8192", "--tokenizer")
+
+
+@pytest.mark.parametrize("flag,needle", [(["--pin", "-1:x"], "OFFSET 0 or more"), (["--pin=-1:x"], "cannot be negative")])
+def test_a_negative_pin(flag, needle, capsys):
+    try:
+        rc = generate.run(["--model", "weights-code", "--device", "cpu", *flag, "x"])
+    except SystemExit as e:
+        rc = e.code
+    assert_one_line_error(rc, capsys.readouterr().err, 2, needle)
+
+
+def test_batch_file_mistakes_come_before_the_weights(tmp_path, capsys):
+    d = shutil.copytree(HERE / "weights-code", tmp_path / "c")
+    for shard in d.glob("*.safetensors"):
+        shard.unlink()  # any read of the weights would fail
+    f = tmp_path / "b.txt"
+    f.write_bytes("ok\nfine\ncaf\xe9\n".encode("latin-1"))
+    rc, _, err = in_process(capsys, "--model", d, "--batch-file", f)
+    assert_one_line_error(rc, err, 2, "is not UTF-8 text (line 3)")
+    f.write_text("ok\n" + "long " * 5000 + "\n", encoding="utf-8")
+    rc, _, err = in_process(capsys, "--model", d, "--batch-file", f)
+    assert_one_line_error(rc, err, 2, "the prompt on line 2 has", "positions")
+
+
+def test_the_closing_line_and_the_canvas_view(chat_free_ckpt):
+    rc, out, err = cli("--model", chat_free_ckpt, "--steps", 3, "--show-canvas", "--max-new-tokens", 8, "x")
+    assert rc == 0, err
+    closing = err.strip().splitlines()[-1].split("\033[J")[-1]  # after the view's last clear
+    assert closing.startswith("8 tokens, 1 canvas, ") and "(stopped at --max-new-tokens 8)" in closing
+    assert "canvas 1 · step 1/3" in err  # counts up, out of the most it may take
+    rc, out, err = cli("--model", "weights-code", "--steps", 2, "--seed", 1, "x")
+    assert rc == 0 and "of generation_config.json; --max-new-tokens N for more" in err.strip().splitlines()[-1]

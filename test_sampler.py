@@ -1,17 +1,18 @@
 """The sampler and the loop: the temperature schedule, the entropy bound and the stop rule by hand,
-pinned positions, EOS handling, NaN logits, and the CUDA-graph denoiser's state handling (with an
-eager stand-in for the capture) against the plain loop, step by step."""
+pinned positions, EOS handling, NaN logits, the random streams (per row: the same draws as the
+shared stream for one row; a row's text independent of its batch), and the seam for a fused pass."""
 
 import math
 
 import pytest
 import torch
 
-from cudagraph import GraphedDenoiser
+from conftest import test_config
 from kvcache import KVCache
-from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
-from sampler import (DenoiseState, GenerationSettings, NonFiniteLogits, SamplerSettings, block_diffusion,
-                     denoise_canvas, entropy, entropy_bound_accept, finalize_canvas, sampler_step, temperature, trim)
+from model import DiffusionGemma, init_weights
+from sampler import (DenoiseState, GenerationSettings, NonFiniteLogits, RandomStreams, SamplerSettings, block_diffusion,
+                     denoise_canvas, entropy, entropy_bound_accept, finalize_canvas, logit_stats, sampler_step,
+                     temperature, trim)
 
 
 def test_temperature_schedule():
@@ -40,21 +41,25 @@ def test_entropy_matches_categorical_and_by_hand():
     assert entropy(torch.tensor([[[0.0, -1e30]]])).item() == pytest.approx(0.0)
 
 
+def start(B, C, V, steps, pins=None, seeds=None):
+    return DenoiseState.start(B, C, V, RandomStreams(seeds, "cpu"), steps, pins=pins)
+
+
 def test_sampler_step_renoises_and_stops():
     torch.manual_seed(0)
     B, C, V = 2, 6, 50
     s = SamplerSettings(max_steps=4, confidence_threshold=0.005)
     raw = torch.zeros(B, C, V)
     raw[0, :, 7] = 60.0  # row 0 certain of token 7 everywhere; row 1 uniform
-    st = sampler_step(DenoiseState.start(B, C, V, "cpu"), raw, 4, s, torch.float32)
+    st = sampler_step(start(B, C, V, 4), raw, s, torch.float32)
     assert st.accepted[0].all() and st.canvas[0].eq(7).all() and st.argmax[0].eq(7).all()
     assert st.accepted[1].sum() == 1  # uniform row: one token within the bound
-    assert not st.finished.any()  # first step: history is -1, never stable
-    st2 = sampler_step(st, raw, 3, s, torch.float32)
+    assert not st.finished.any() and st.step == 3  # first step: history is -1, never stable
+    st2 = sampler_step(st, raw, s, torch.float32)
     assert st2.finished.tolist() == [True, False]  # stable and confident
     raw2 = raw.clone()
     raw2[0, :, 7], raw2[0, :, 9] = 0.0, 60.0
-    st3 = sampler_step(st2, raw2, 2, s, torch.float32)  # a finished row keeps its canvas and argmax
+    st3 = sampler_step(st2, raw2, s, torch.float32)  # a finished row keeps its canvas and argmax
     assert st3.argmax[0].eq(7).all() and st3.canvas[0].eq(7).all()
 
 
@@ -64,10 +69,9 @@ def test_pinned_positions_never_renoised():
     pinned[0, [2, 7]] = True
     tokens = torch.zeros(1, 8, dtype=torch.long)
     tokens[0, 2], tokens[0, 7] = 11, 12
-    state = DenoiseState.start(1, 8, 40, "cpu", pinned, tokens)
-    for step in range(5, 0, -1):
-        state = sampler_step(state, torch.randn(1, 8, 40) * 3, step, SamplerSettings(max_steps=5), torch.float32,
-                             pinned, tokens)  # the model disagrees with the pins
+    state = start(1, 8, 40, 5, (pinned, tokens))
+    while state.step > 0:  # the model disagrees with the pins
+        state = sampler_step(state, torch.randn(1, 8, 40) * 3, SamplerSettings(max_steps=5), torch.float32)
         assert state.accepted[0, 2] and state.accepted[0, 7]
         assert state.canvas[0, [2, 7]].tolist() == [11, 12] and state.argmax[0, [2, 7]].tolist() == [11, 12]
 
@@ -93,75 +97,72 @@ def test_settings_copy_overrides_without_sharing():
 
 
 def small_model(seed=0):
-    return init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name("test-b")), std=0.3, seed=seed)
+    return init_weights(DiffusionGemma(test_config("test-b")), std=0.3, seed=seed)
 
 
 def test_nan_logits_stop_with_the_canvas_and_step():
     model = small_model()
-    with torch.no_grad():
-        model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteLogits, match="canvas 1, step 4"):
-        block_diffusion(model, [[2, 3, 4]], GenerationSettings(max_new_tokens=8, sampler=SamplerSettings(max_steps=4)))
+    s = GenerationSettings(max_new_tokens=16, eos_token_ids=(), sampler=SamplerSettings(max_steps=4))
+    seen = []
+
+    def break_after_first_canvas(ci, new, finished):
+        seen.append(ci)
+        with torch.no_grad():
+            model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogits, match="canvas 2, step 4"):  # the second canvas, its first step
+        block_diffusion(model, [[2, 3, 4]], s, on_canvas=break_after_first_canvas)
+    assert seen == [0]
 
 
-def eager_capture(body, pool):
-    """A stand-in for the CUDA capture: it runs body() once (the warm-up) and again at each replay."""
-    body()
-    return type("Eager", (), {"replay": staticmethod(body)})()
+def test_one_row_streams_are_the_shared_stream():
+    """A per-row stream seeded s draws what torch's default generator draws after manual_seed(s), in
+    the same order: one row reproduces transformers either way."""
+    model = small_model(4)
+    s = GenerationSettings(max_new_tokens=24, eos_token_ids=(), sampler=SamplerSettings(max_steps=4))
+    torch.manual_seed(7)
+    shared = block_diffusion(model, [[2, 9, 4]], s)
+    torch.manual_seed(123)  # the default generator's state does not matter to a per-row stream
+    own = block_diffusion(model, [[2, 9, 4]], s, seeds=[7])
+    assert torch.equal(shared.sequences, own.sequences) and shared.steps == own.steps
 
 
-@pytest.mark.parametrize("confidence", [None, 0.005])
-def test_graphed_denoiser_equals_the_plain_loop(confidence):
-    """One graph for a whole generation (here an eager stand-in for the capture): a padded batch,
-    three canvases, pins; the same tokens, steps and states as the same fixed cache run without a
-    graph, with one capture. (Against the plain loop's growing cache only the logits agree, to
-    float rounding: test_static_cache_equals_the_growing_one; this random model amplifies that.)"""
-    model = small_model(1)
-    s = GenerationSettings(max_new_tokens=20, sampler=SamplerSettings(max_steps=5, confidence_threshold=confidence,
-                                                                      entropy_bound=5.0))
-    prompts = [[2, 17, 42, 7, 9], [2, 11]]
-    pins = [{1: 13, 17: 5}, {}]
-    results = {}
-    graphed = GraphedDenoiser(capture=eager_capture)
-    for name, denoise in (("plain", GraphedDenoiser(use_graph=False)), ("graph", graphed)):
-        torch.manual_seed(0)
-        seen = []
-        results[name] = block_diffusion(model, prompts, s, pins=pins, denoise=denoise,
-                                        on_step=lambda ci, step, st: seen.append((ci, step, st.argmax.clone())))
-        results[name].seen = seen
-    plain, graph = results["plain"], results["graph"]
-    assert torch.equal(plain.sequences, graph.sequences) and plain.steps == graph.steps
-    assert len(plain.seen) == len(graph.seen) and all(
-        a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(plain.seen, graph.seen))
-    assert graph.canvases == 3 and graphed.captures == 1  # one capture served every canvas
-    assert graph.sequences[0, 5 + 1] == 13 and graph.sequences[0, 5 + 17] == 5
+def test_a_rows_text_does_not_depend_on_its_batch():
+    """Per-row streams: a prompt alone, and in batches of other prompts of other lengths (left
+    padded), some of which stop at EOS early, gets the same tokens."""
+    model = small_model(5)
+    s = GenerationSettings(max_new_tokens=20, eos_token_ids=(1,), sampler=SamplerSettings(max_steps=5, entropy_bound=2.0))
+    prompt = [2, 17, 42, 7, 9]
+    alone = block_diffusion(model, [prompt], s, seeds=[3]).tokens[0]
+    others = [[2, 11], [2, 5, 6, 7, 8, 9, 10, 11, 12], [2, 30, 31]]
+    for batch in ([prompt] + others[:1], others[:2] + [prompt], others + [prompt]):
+        seeds = [3 if p is prompt else 100 + i for i, p in enumerate(batch)]
+        result = block_diffusion(model, batch, s, seeds=seeds)
+        assert result.tokens[batch.index(prompt)] == alone
+    shared = block_diffusion(model, others + [prompt], s)  # the shared stream: the batch changes the draws
+    assert shared.tokens[-1] != alone
 
 
-def test_static_cache_equals_the_growing_one():
-    """Causal passes into a StaticKVCache then a canvas pass over its fixed buffers (masked by the
-    device length) give the growing cache's logits."""
-    model = small_model(3)
-    caches = [KVCache(model.config.layer_types, model.config.sliding_window),
-              GraphedDenoiser().new_cache(model, 1, 64)]
-    logits = []
-    for cache in caches:
-        model.forward_causal(torch.arange(3, 33)[None], cache)  # longer than the sliding window
-        model.forward_causal(torch.arange(40, 48)[None], cache)
-        logits.append(model.forward_canvas(torch.arange(50, 58)[None], cache))
-    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
-    assert int(caches[1].length_t) == caches[1].length == 38
+def test_per_row_streams_skip_the_rows_that_do_not_draw():
+    rng = RandomStreams([1, 2], "cpu")
+    both = rng.randint(1000, 2, 5, torch.tensor([True, True]))
+    rng = RandomStreams([1, 2], "cpu")
+    first = rng.randint(1000, 2, 5, torch.tensor([False, True]))  # row 0 draws nothing...
+    again = rng.randint(1000, 2, 5, torch.tensor([True, True]))
+    assert torch.equal(first[1], both[1]) and first[0].eq(0).all()
+    assert torch.equal(again[0], both[0])  # ... so its next draw is the one it would have made
 
 
-def gumbel_stats(raw, T):
-    """A plain-torch stand-in for cuda_kernels.sampler_stats (the same outputs, Gumbel-max sampling)."""
+def gumbel_stats(raw, T, state):
+    """A stand-in for a fused pass with logit_stats' signature (Gumbel-max sampling)."""
     x = raw / T
     u = torch.rand_like(x).clamp(1e-7, 1 - 1e-7)
-    return (x - torch.log(-torch.log(u))).argmax(-1), x.argmax(-1), entropy(x), x.to(torch.bfloat16)
+    noise = torch.randint(0, x.shape[-1], x.shape[:2])
+    return (x - torch.log(-torch.log(u))).argmax(-1), x.argmax(-1), entropy(x), x.to(torch.bfloat16), noise
 
 
 def test_a_fused_sampler_pass_plugs_in():
-    """sampler_step with `stats` (the fused pass's seam): pins hold, the self-conditioning logits are
-    what the pass returned, and the loop stops as it should."""
+    """denoise_canvas with another stats function (the fused pass's seam): pins hold, the
+    self-conditioning logits come from it, and the loop stops as it should."""
     model = small_model(2)
     pinned = torch.zeros(1, 8, dtype=torch.bool)
     pinned[0, 3] = True
@@ -169,7 +170,11 @@ def test_a_fused_sampler_pass_plugs_in():
     cache = KVCache(model.config.layer_types, model.config.sliding_window)
     model.forward_causal(torch.tensor([[2, 5, 6]]), cache)
     torch.manual_seed(0)
-    state = DenoiseState.start(1, 8, model.config.vocab_size, "cpu", pinned, tokens)
-    final, steps = denoise_canvas(model, cache, state, SamplerSettings(max_steps=6), pinned, tokens, stats=gumbel_stats)
-    assert final.argmax[0, 3] == 9 and final.canvas[0, 3] == 9 and 1 <= steps <= 6
+    state = start(1, 8, model.config.vocab_size, 6, (pinned, tokens))
+    calls = []
+    final, steps = denoise_canvas(model, cache, state, SamplerSettings(max_steps=6),
+                                  stats=lambda *a: calls.append(1) or gumbel_stats(*a))
+    assert final.argmax[0, 3] == 9 and final.canvas[0, 3] == 9 and 1 <= steps <= 6 and len(calls) == steps
     assert final.sc_logits.dtype == model.dtype and final.sc_logits.shape == (1, 8, model.config.vocab_size)
+    out = logit_stats(torch.randn(1, 8, 50), torch.tensor(0.5), start(1, 8, 50, 1))  # the plain pass: the same parts
+    assert [t.shape for t in out] == [(1, 8), (1, 8), (1, 8), (1, 8, 50), (1, 8)]

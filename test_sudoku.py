@@ -79,14 +79,16 @@ def test_a_trained_model_runs_in_generate(tmp_path):
     assert "solved@1" in (out / "log.txt").read_text()
     p = subprocess.run([sys.executable, "generate.py", "--model", str(ckpt), "--steps", "3", "--samples", "2"],
                        cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert p.stdout.startswith("puzzle (12 givens):") and "solution:" in p.stdout, p.stderr
-    verdict = p.stdout.strip().splitlines()[-1]
-    assert verdict in ("valid ✓", "invalid ✗") and p.returncode == (0 if verdict == "valid ✓" else 1)
-    assert "of 2 samples pass the Sudoku rules" in p.stderr
-    solution = [ln for ln in p.stdout.split("solution:\n")[1].splitlines()][:8]
-    givens = sudoku.format_grid(sudoku.BUILTIN[6], SIX).splitlines()
-    for row_s, row_p in zip(solution, givens):  # the givens are pinned: they come back
-        assert all(p_ch in (".", s_ch) for s_ch, p_ch in zip(row_s, row_p))
+    assert p.stdout.startswith("puzzle (12 givens):") and "of 2 samples accepted by the Sudoku rules" in p.stderr
+    if p.returncode == 0:  # a barely trained model: a valid grid is luck
+        assert "solution (sample" in p.stdout and p.stdout.strip().endswith("valid ✓")
+    else:
+        assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: none of the 2 samples")
+    from generate import load
+    model, _ = load(ckpt, "cpu")
+    grids = sudoku.solve_with(model, [sudoku.BUILTIN[6]], SIX, sudoku.generation_settings(SIX), samples=2)[0]
+    for grid in grids:  # the givens are pinned: they come back
+        assert all(g == d for g, d in zip(grid, sudoku.BUILTIN[6]) if d)
 
 
 def test_device_training_script_runs_small(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train
-from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
+from conftest import test_config
+from model import DiffusionGemma, init_weights
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,7 +44,7 @@ def test_block_causal_mask_by_hand():
 
 
 def tiny_model(seed=0):
-    cfg = DiffusionGemmaConfig.from_name("tiny", vocab_size=64)
+    cfg = test_config("tiny", vocab_size=64)
     torch.manual_seed(seed)
     return init_weights(DiffusionGemma(cfg), std=0.05, seed=seed).train().requires_grad_(True)
 

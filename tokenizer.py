@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfconfig import CheckpointError, read_json
+from sampler import RequestError, check_context
 
 TURN_OPEN, TURN_CLOSE, THINK = "<|turn>", "<turn|>", "<|think|>"
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
@@ -151,6 +152,21 @@ class Tokenizer:
         return Thought(answer=answer, thought=inner, finished=end is not None)
 
 
+def encode_prompt(tok: Tokenizer, text: str, config, max_new_tokens: int, *, raw: bool = False,
+                  thinking: bool = False, system: str | None = None, name: str = "prompt") -> list[int]:
+    """A user turn ready for the model (config: its DiffusionGemmaConfig) in the checkpoint's chat
+    format (plain text with raw, or for a tokenizer without one); RequestError for an empty prompt,
+    a token the model has no embedding for, or one too long for its positions."""
+    if not text.strip():
+        raise RequestError(f"the {name} is empty")
+    ids = tok.prompt_ids(text, chat=not raw, thinking=thinking, system=system)
+    if ids and max(ids) >= config.vocab_size:
+        raise RequestError(f"the {name} holds a token the model has no embedding for "
+                           f"({tok.decode_visible([max(ids)])!r}): leave it out")
+    check_context(config, len(ids), max_new_tokens, name)
+    return ids
+
+
 def compile_template(source: str, name: str):
     """A jinja2 template set up as transformers 5.17.0 sets it up."""
     import jinja2
@@ -198,4 +214,11 @@ def load_tokenizer(checkpoint: str | Path, override: str | Path | None = None,
     if vocab_size is not None and base > vocab_size:
         raise CheckpointError(f"{path} has {base} tokens but the model only {vocab_size}: "
                               "use the tokenizer that came with the checkpoint")
+    own = checkpoint / "tokenizer.json"
+    if override and own.is_file() and own.resolve() != path.resolve():
+        from tokenizers import Tokenizer as HFTokenizer
+        n = HFTokenizer.from_file(str(own)).get_vocab_size()
+        if n != tok.vocab_size:  # a tokenizer of another model: its ids mean other tokens
+            raise RequestError(f"{override} has {tok.vocab_size} tokens, the checkpoint's own tokenizer.json {n}: "
+                               "it belongs to another model; leave out --tokenizer")
     return tok

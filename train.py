@@ -39,9 +39,15 @@ import torch.nn.functional as F
 import data
 import sudoku
 from checkpoint import save_checkpoint
-from hfconfig import generation_settings
-from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
+from model import CONFIGS, DiffusionGemma, DiffusionGemmaConfig, init_weights
+from sampler import GenerationSettings, SamplerSettings
 from terminal import Parser
+
+# --preset: the named sizes, the 9x9 Sudoku model's, and a toy size that trains in seconds (smoke runs)
+PRESETS = {**CONFIGS, "sudoku-9": sudoku.SUDOKU_9,
+           "tiny": dict(CONFIGS["small"], vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        head_dim=16, global_head_dim=32, intermediate_size=48, num_experts=4, moe_intermediate_size=16,
+                        sliding_window=16, canvas_length=8, layer_types=["sliding_attention", "full_attention"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +160,8 @@ class CodeTask:
     """Windows of the standard library: a clean prefix, then `blocks` noised canvases."""
     # a small, weakly trained model is rarely sure of any token: a larger entropy budget lets each step
     # keep several tokens (measured on the infill eval: 0.1 -> 4.0%, 3 -> 4.7%, 10 -> 5.5% exact tokens)
-    generation_config = {"max_new_tokens": 64, "max_denoising_steps": 32,
-                         "sampler_config": {"entropy_bound": 10.0, "_cls_name": "EntropyBoundSamplerConfig"},
-                         "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
-                         "eos_token_id": [data.EOS], "pad_token_id": data.PAD}
+    settings = GenerationSettings(max_new_tokens=64, sampler=SamplerSettings(max_steps=32, entropy_bound=10.0),
+                                  eos_token_ids=(data.EOS,), pad_token_id=data.PAD)
 
     def __init__(self, args, config: DiffusionGemmaConfig, out: Path):
         self.prefix, self.length = args.prefix, args.prefix + args.blocks * config.canvas_length
@@ -187,8 +191,7 @@ class SudokuTask:
         sudoku.write_tokenizer(self.shape, out / "tokenizer.json")
         self.files = [out / "tokenizer.json"]
         self.puzzles = sudoku.eval_puzzles(self.shape, 100, sudoku.EASY[self.shape.n], seed=sudoku.VALIDATION_SEED)
-        self.generation_config = sudoku.generation_config(self.shape)
-        self.settings = generation_settings(self.generation_config, config.eos_token_id)
+        self.settings = sudoku.generation_settings(self.shape)
 
     def batch(self, g: torch.Generator, size: int) -> torch.Tensor:
         grids = sudoku.to_tokens(sudoku.augmented(self.pool, self.shape, size, g), self.shape)
@@ -214,17 +217,20 @@ def export(model, task, out: Path, dtype: str, force: bool) -> None:
     """Write the model as a checkpoint directory in `dtype` (it stays in that dtype)."""
     model.config.dtype = dtype
     model.to(getattr(torch, dtype))
-    save_checkpoint(model, out, generation_config=task.generation_config, extra_files=task.files, force=force)
+    save_checkpoint(model, out, generation=task.settings, extra_files=task.files, force=force)
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.preset and args.preset not in PRESETS:
+        print(f"error: --preset {args.preset} is not one of {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
     if args.task == "code":
-        config = DiffusionGemmaConfig.from_name(args.preset or "small")
+        config = DiffusionGemmaConfig(**PRESETS[args.preset or "small"])
     else:  # one canvas is one grid, whatever the size of the network
         shape = sudoku.SHAPES[args.grid]
-        config = DiffusionGemmaConfig.from_name(args.preset or f"sudoku-{args.grid}", vocab_size=shape.vocab_size,
-                                                canvas_length=shape.cells, max_position_embeddings=2 * shape.cells + 8)
+        config = DiffusionGemmaConfig(**{**PRESETS[args.preset or f"sudoku-{args.grid}"], "vocab_size": shape.vocab_size,
+                                         "canvas_length": shape.cells, "max_position_embeddings": 2 * shape.cells + 8})
     task = (CodeTask if args.task == "code" else SudokuTask)(args, config, out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
@@ -300,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(description="Train DiffusionGemma (the small bundled models by default).")
     p.add_argument("--task", choices=["code", "sudoku"], default="code", help="what to train on (default code)")
     p.add_argument("--grid", type=int, choices=[6, 9], default=9, help="sudoku: 6 (2x3 boxes) or 9 (3x3)")
-    p.add_argument("--preset", help="model size from model.CONFIGS (default: small, or sudoku-GRID)")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: small, or sudoku-GRID)")
     p.add_argument("--max-files", type=int, help="code: train on only the first N standard-library files (tests)")
     p.add_argument("--pool", type=int, default=20000, help="sudoku: base grids before symmetries (default 20000)")
     p.add_argument("--out", default="runs/small", help="run directory (tokenizer, data, resumable state, log)")

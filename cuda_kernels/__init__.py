@@ -7,13 +7,18 @@
   bindings.cpp   their Python bindings
 
 The kernels are built on first use with torch.utils.cpp_extension.load and cached (by default under
-~/.cache/torch_extensions); Hopper gets sm_90a, other GPUs their own architecture. They have the
-same signatures as the plain PyTorch functions they replace (moe.Experts.forward and
-attention.canvas_attention) and are tested against them (test_kernels.py).
+~/.cache/torch_extensions); Hopper gets sm_90a, other GPUs their own architecture.
+
+How a model is switched to them (use_kernels, the one place): each module's class is swapped for a
+subclass that overrides one method with the kernel, as distributed.py swaps the sharded modules:
+RMSNorm -> FusedRMSNorm (forward), moe.Experts and its subclasses -> FusedExperts (forward),
+Attention -> GQAAttention or KernelAttention (attend_canvas, attention.py's seam). The weights stay
+where they are, the plain classes come back with use_kernels(model, "torch"), and every kernel has
+the signature of the plain function it replaces and is tested against it (test_kernels.py).
 
     from cuda_kernels import use_kernels; from generate import load
     model, _ = load("weights-code", device="cpu")
-    print(use_kernels(model, "auto"))    # "kernels: cuda ✓ (NVIDIA H200)" or "kernels: torch (no CUDA device (cpu))"
+    print(use_kernels(model, "auto"))    # "kernels: cuda ✓ (NVIDIA H200 ...)" or "kernels: torch (no CUDA device (cpu))"
 
 A failed build on a GPU machine is an error with the compiler's message, never a silent fallback.
 """
@@ -25,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attention import RMSNorm, canvas_attention as plain_canvas_attention
+from attention import Attention, RMSNorm
+from moe import Experts
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu", HERE / "sampler.cu", HERE / "rmsnorm.cu"]
@@ -94,7 +100,7 @@ def compile_only(arch: str = "9.0a", out_dir: str | None = None):
     return build(arch, build_directory=str(out_dir or tempfile.mkdtemp(prefix="cuda_kernels_")))
 
 
-# ---- the fast paths, with the signatures of the plain ones ------------------------------------
+# ---- the kernels, with the signatures of the plain functions -------------------------------------
 
 FORMATS = {None: 0, "int8": 1, "int4": 2}  # fused_moe.cu's Format
 
@@ -128,7 +134,8 @@ def experts_forward(experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.
 
 
 def canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
-    """Canvas attention: q (B, H, C, d); caches (B, Hkv, Tc, d) or None; valid (B, Tc) bool or None."""
+    """attention.canvas_attention reading the cache in place: q (B, H, C, d); caches (B, Hkv, Tc, d)
+    or None; valid (B, Tc) bool or None."""
     if k_cache is None:
         k_cache = v_cache = k_new[:, :, :0]
     empty = torch.empty(0, dtype=torch.bool, device=q.device)
@@ -136,22 +143,86 @@ def canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
                                     v_new.contiguous(), empty if valid is None else valid)
 
 
-def sampler_stats(raw: torch.Tensor, temperature: torch.Tensor) -> tuple:
-    """The first half of sampler.sampler_step in one pass over the logits: raw (B, C, V) fp32 and the
-    temperature (a device scalar) -> (sampled, argmax, entropy) (B, C) and the scaled logits (B, C, V)
-    in bf16. Samples by Gumbel-max from a counter-based generator keyed by one draw from torch's
-    generator: seeded, graph-safe, but not the plain path's multinomial stream."""
+def gqa_canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
+    """attention.canvas_attention without repeating K/V per query group: SDPA's grouped-query path
+    with the mask (transformers repeats K/V whenever there is a mask; the two differ in rounding)."""
+    import torch.nn.functional as F
+    k = k_new if k_cache is None else torch.cat([k_cache, k_new], dim=2)
+    v = v_new if v_cache is None else torch.cat([v_cache, v_new], dim=2)
+    mask = None if valid is None else F.pad(valid, (0, q.shape[2]), value=True)[:, None, None, :]  # (B, 1, 1, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sampler_stats(raw: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> tuple:
+    """The sampler's pass over the logits and the renoise draw in one kernel: raw (B, C, V) fp32, the
+    temperature (a device scalar) and one int64 key per row (B,) -> (sampled, argmax, entropy,
+    noise) (B, C) and the scaled logits (B, C, V) in bf16, ordered as sampler.logit_stats returns
+    them. Samples by Gumbel-max and draws the renoise tokens from a counter-based generator keyed by
+    row: seeded, graph-safe, but another random stream than the plain path's multinomial."""
     B, C, V = raw.shape
-    key = torch.randint(0, 2 ** 62, (), device=raw.device)
-    sc, argmax, sample, h = build().sampler_stats(raw.reshape(B * C, V).contiguous(),
-                                                  temperature.float().reshape(()), key)
-    return sample.view(B, C), argmax.view(B, C), h.view(B, C), sc.view(B, C, V)
+    sc, argmax, sample, h, noise = build().sampler_stats(raw.reshape(B * C, V).contiguous(),
+                                                         temperature.float().reshape(()), keys.reshape(B), C)
+    return sample.view(B, C), argmax.view(B, C), h.view(B, C), sc.view(B, C, V), noise.view(B, C)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """attention.RMSNorm.forward on the GPU in one kernel: x (..., D) bf16, weight (D,) or None."""
     empty = torch.empty(0, dtype=x.dtype, device=x.device)
     return build().rms_norm(x.contiguous(), empty if weight is None else weight.to(x.dtype), eps)
+
+
+# ---- the modules that use them ---------------------------------------------------------------
+
+class FusedRMSNorm(RMSNorm):
+    """attention.RMSNorm in one kernel (rmsnorm.cu)."""
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class FusedExperts(Experts):
+    """moe.Experts (bf16, or quant.QuantExperts' int8/int4 buffers) as one grouped GEMM (fused_moe.cu)."""
+
+    def forward(self, x, idx, weights):
+        return experts_forward(self, x, idx, weights)
+
+
+class GQAAttention(Attention):
+    """The canvas attention on SDPA's grouped-query path (no K/V repeat)."""
+
+    def attend_canvas(self, q, k_cache, v_cache, k_new, v_new, valid):
+        return gqa_canvas_attention(q, k_cache, v_cache, k_new, v_new, valid)
+
+
+class KernelAttention(Attention):
+    """The canvas attention in the flash-style kernel that reads the cache in place (attention.cu)."""
+
+    def attend_canvas(self, q, k_cache, v_cache, k_new, v_new, valid):
+        return canvas_attention(q, k_cache, v_cache, k_new, v_new, valid)
+
+
+FAST = {RMSNorm: FusedRMSNorm, Experts: FusedExperts}
+_made: dict[tuple, type] = {}  # (plain class, fast base) -> the class with the fast method first
+
+
+def fast_class(cls: type, base: type) -> type:
+    """cls with base's method taking precedence: base itself for the plain class, else a subclass
+    of both (quant.QuantExperts -> FusedQuantExperts; distributed.LocalExperts' forward calls on
+    into FusedExperts.forward)."""
+    plain = base.__mro__[1]
+    if cls is plain:
+        return base
+    if (cls, base) not in _made:
+        _made[(cls, base)] = type(base.__name__.replace(plain.__name__, "") + cls.__name__, (cls, base), {})
+    return _made[(cls, base)]
+
+
+def plain_class(cls: type) -> type:
+    """The class fast_class started from."""
+    for (plain, _), made in _made.items():
+        if made is cls:
+            return plain
+    return cls.__mro__[1] if cls in (FusedRMSNorm, FusedExperts, GQAAttention, KernelAttention) else cls
 
 
 # ---- choosing a path --------------------------------------------------------------------------
@@ -172,34 +243,46 @@ def choose(kind: str, device: torch.device) -> tuple[str, str]:
     return "cuda", torch.cuda.get_device_name(device)
 
 
+def shapes_fit(c) -> bool:
+    """Sizes the kernels take: hidden and expert sizes multiples of 64, head_dim a multiple of 16 up
+    to 512, a vocabulary that is a multiple of 4 (the sampler reads 4 logits at a time)."""
+    dims = [c.layer_head_dim(i) for i in range(c.num_hidden_layers)]
+    return not (c.hidden_size % 64 or c.moe_intermediate_size % 64 or c.vocab_size % 4
+                or any(d % 16 or d > 512 for d in dims))
+
+
+def swap(root, fast: bool, attention_kernel: bool = False) -> None:
+    """Every RMSNorm, experts module and attention block under root to its fast class (or back)."""
+    attention = KernelAttention if attention_kernel else GQAAttention
+    for module in root.modules():  # every norm: the layers', the final one, self-conditioning's
+        plain = plain_class(type(module))
+        if not fast:
+            module.__class__ = plain
+        elif isinstance(module, Attention):
+            module.__class__ = fast_class(plain, attention)
+        elif isinstance(module, (RMSNorm, Experts)):
+            module.__class__ = fast_class(plain, FAST[RMSNorm if isinstance(module, RMSNorm) else Experts])
+
+
 def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> str:
-    """Switch every layer of model to the CUDA kernels (or back to plain PyTorch); returns the
-    one-line announcement. bf16 weights only: other dtypes stay on the plain path. The canvas
-    attention stays on SDPA unless attention_kernel: on the review of attention.cu it is slower
-    than SDPA, and no GPU run has shown otherwise yet (scripts/kernel_bench.py measures both)."""
+    """Switch model to the CUDA kernels (or back to plain PyTorch); returns the one-line
+    announcement. bf16 weights only: other dtypes stay on the plain path. The canvas attention runs
+    on SDPA's grouped-query path unless attention_kernel (scripts/kernel_bench.py measures both)."""
     device = model.device
     path, why = choose(kind, device)
     if path == "cuda" and model.dtype != torch.bfloat16:
         if kind == "cuda":
             raise KernelBuildError(f"the CUDA kernels need bfloat16 weights, not {model.dtype}")
         path, why = "torch", f"weights are {model.dtype}, the kernels take bf16"
-    if path == "cuda":
-        c = model.config
-        dims = [c.layer_head_dim(i) for i in range(c.num_hidden_layers)]
-        if c.hidden_size % 64 or c.moe_intermediate_size % 64 or any(d % 16 or d > 512 for d in dims):
-            if kind == "cuda":
-                raise KernelBuildError("the CUDA kernels need hidden and expert sizes that are multiples of 64 "
-                                       "and head_dim a multiple of 16 up to 512")
-            path, why = "torch", "shapes the kernels do not take"
+    if path == "cuda" and not shapes_fit(model.config):
+        if kind == "cuda":
+            raise KernelBuildError("the CUDA kernels need hidden and expert sizes that are multiples of 64, "
+                                   "head_dim a multiple of 16 up to 512 and a vocabulary that is a multiple of 4")
+        path, why = "torch", "shapes the kernels do not take"
     if path == "cuda":
         build()
-    for module in model.modules():  # every norm: the layers', the final one, self-conditioning's
-        if isinstance(module, RMSNorm):
-            module.kernel = rms_norm if path == "cuda" else None
-    for layer in model.layers:
-        layer.experts.kernel = experts_forward if path == "cuda" else None
-        use_attention = path == "cuda" and attention_kernel
-        layer.self_attn.canvas_attention = canvas_attention if use_attention else plain_canvas_attention
+    swap(model, path == "cuda", attention_kernel)
     if path != "cuda":
         return f"kernels: torch ({why})"
-    return f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, canvas attention: {'kernel' if attention_kernel else 'SDPA'})"
+    return (f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, sampler; canvas attention: "
+            f"{'kernel' if attention_kernel else 'SDPA'})")

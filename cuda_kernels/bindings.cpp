@@ -7,12 +7,12 @@ at::Tensor fused_moe(at::Tensor x, at::Tensor sorted_token, at::Tensor sorted_as
                      int64_t I);
 at::Tensor canvas_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor k_new, at::Tensor v_new,
                             at::Tensor valid);
-std::vector<at::Tensor> sampler_stats(at::Tensor raw, at::Tensor temperature, at::Tensor key);
+std::vector<at::Tensor> sampler_stats(at::Tensor raw, at::Tensor temperature, at::Tensor keys, int64_t C);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &fused_moe, "grouped expert MLP over assignments sorted by expert (fused_moe.cu)");
   m.def("canvas_attention", &canvas_attention, "bidirectional canvas attention over [cache ; canvas] (attention.cu)");
-  m.def("sampler_stats", &sampler_stats, "scaled logits, argmax, entropy and a sample in one pass (sampler.cu)");
+  m.def("sampler_stats", &sampler_stats, "scaled logits, argmax, entropy, a sample and a renoise token in one pass (sampler.cu)");
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (rmsnorm.cu)");
 }

@@ -4,12 +4,16 @@
   moe        one layer's experts (256 canvas tokens, top-8 of 128): plain PyTorch, torch grouped_mm,
              the fused kernel in bf16 / int8 / int4; GB/s of expert weights read and the fraction of
              the copy bandwidth; relative error against the plain path; the same bits twice
-  attention  the canvas attention kernel against SDPA over the concatenation (the plain path), at
-             head_dim 256 (8 kv heads, 1023 cached) and 512 (2 kv heads, 1024 and 4096 cached)
+  attention  the canvas attention as the plain path runs it (K/V repeated when there is a mask),
+             SDPA's grouped-query path, and the kernel that reads the cache in place, at head_dim
+             256 (8 kv heads, a full ring of 1023) and 512 (2 kv heads, 1024 and 4096 of a fixed
+             buffer of 8192 behind a mask, as the CUDA graph's cache holds them)
   layer      one sliding and one full layer: plain eager, kernels eager, kernels in a CUDA graph;
-             and how many kernels one layer launches (the profiler's count)
-Each section is printed and written to the JSON file as soon as it is measured. --tiny runs the
-same sections at a small shape on any device (the CPU rows only: no kernels there).
+             and how many kernels one layer launches (the profiler's count on a GPU; on the CPU the
+             torch ops, each of which would be a launch)
+Each row is printed and written to the JSON file as soon as it is measured (the timings of a layer
+before its launch count is taken). --tiny runs the same sections at a small shape on any device
+(the CPU rows only: no kernels there).
 
     python scripts/kernel_bench.py --tiny --device cpu --json /tmp/micro.json
 """
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cuda_kernels  # noqa: E402
-from attention import RMSNorm, canvas_attention  # noqa: E402
-from bench import device_ceilings, sync, timed  # noqa: E402
+from attention import canvas_attention  # noqa: E402
+from bench import TINY, device_ceilings, sync, timed  # noqa: E402
 from model import Block, DiffusionGemmaConfig  # noqa: E402
 from moe import Experts, Router  # noqa: E402
 from quant import QuantExperts, quantize  # noqa: E402
@@ -107,21 +111,45 @@ def bench_moe(cfg, device, dtype, out: Out, bandwidth: float):
 
 def bench_attention(cfg, device, dtype, out: Out, tiny: bool):
     C, H = cfg.canvas_length, cfg.num_attention_heads
-    shapes = [(cfg.head_dim, cfg.num_key_value_heads, cfg.sliding_window - 1)]
     full_d, full_kv = cfg.layer_head_dim(cfg.num_hidden_layers - 1), cfg.layer_kv_heads(cfg.num_hidden_layers - 1)
-    shapes += [(full_d, full_kv, 1024 if not tiny else 64), (full_d, full_kv, 4096 if not tiny else 256)]
-    for d, Hkv, Tc in shapes:
-        torch.manual_seed(Tc)
+    capacity = 512 if tiny else 8192
+    shapes = [(cfg.head_dim, cfg.num_key_value_heads, cfg.sliding_window - 1, None),  # a full ring: no mask
+              (full_d, full_kv, 64 if tiny else 1024, capacity), (full_d, full_kv, 256 if tiny else 4096, capacity)]
+    for d, Hkv, filled, slots in shapes:
+        torch.manual_seed(filled)
+        T = slots or filled
         q = torch.randn(1, H, C, d, device=device, dtype=dtype) / d ** 0.25
-        kc, vc = torch.randn(1, Hkv, Tc, d, device=device, dtype=dtype) / d ** 0.25, torch.randn(1, Hkv, Tc, d, device=device, dtype=dtype)
+        kc, vc = torch.randn(1, Hkv, T, d, device=device, dtype=dtype) / d ** 0.25, torch.randn(1, Hkv, T, d, device=device, dtype=dtype)
         kn, vn = torch.randn(1, Hkv, C, d, device=device, dtype=dtype) / d ** 0.25, torch.randn(1, Hkv, C, d, device=device, dtype=dtype)
-        row = {"sdpa_ms": ms(lambda: canvas_attention(q, kc, vc, kn, vn, None), device)}
+        valid = None if slots is None else (torch.arange(T, device=device) < filled)[None]
+        ref = canvas_attention(q, kc, vc, kn, vn, valid)
+        fns = {"plain": lambda: canvas_attention(q, kc, vc, kn, vn, valid),
+               "sdpa_gqa": lambda: cuda_kernels.gqa_canvas_attention(q, kc, vc, kn, vn, valid)}
         if device.type == "cuda":
-            row["kernel_ms"] = ms(lambda: cuda_kernels.canvas_attention(q, kc, vc, kn, vn, None), device)
-            row["relative_error"] = rel(cuda_kernels.canvas_attention(q, kc, vc, kn, vn, None),
-                                        canvas_attention(q, kc, vc, kn, vn, None))
-        out.add("attention", f"d{d}_kv{Hkv}_cache{Tc}", row, f"attention d={d} kv={Hkv} cache={Tc}: " +
-                ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+            fns["kernel"] = lambda: cuda_kernels.canvas_attention(q, kc, vc, kn, vn, valid)
+        row = {}
+        for name, fn in fns.items():
+            try:
+                row[f"{name}_ms"], row[f"{name}_relative_error"] = ms(fn, device), rel(fn(), ref)
+            except Exception as e:  # a row that fails is reported, the others still run
+                row[f"{name}_error"] = str(e).splitlines()[0]
+        out.add("attention", f"d{d}_kv{Hkv}_keys{filled}_of{T}", row, f"attention d={d} kv={Hkv} keys={filled} of {T}: "
+                + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+def count_ops(step) -> int:
+    """The innermost torch ops one call of step runs (each would be a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        step()
+    return Count.n
 
 
 def bench_layers(cfg, device, dtype, out: Out):
@@ -143,14 +171,10 @@ def bench_layers(cfg, device, dtype, out: Out):
                                 torch.arange(Tc, Tc + C, device=device)[None], dtype)
         h = torch.randn(1, C, cfg.hidden_size, device=device, dtype=dtype)
         step = lambda: block(h, cos, sin, lc, None, "canvas")  # noqa: E731
+        name = f"layer {i} ({cfg.layer_types[i]})"
         row = {"plain_ms": ms(step, device, 5)}
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
         if device.type == "cuda":  # the fast path's pieces, as cuda_kernels.use_kernels sets them
-            block.experts.kernel = cuda_kernels.experts_forward
-            for module in block.modules():
-                if isinstance(module, RMSNorm):
-                    module.kernel = cuda_kernels.rms_norm
+            cuda_kernels.swap(block, True)
             row["kernels_ms"] = ms(step, device)
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()
@@ -161,16 +185,20 @@ def bench_layers(cfg, device, dtype, out: Out):
             with torch.cuda.graph(graph):
                 step()
             row["graph_ms"] = ms(graph.replay, device)
-        with profile(activities=acts) as prof:
-            step()
-            sync(device)
-        if device.type == "cuda":  # kernels the GPU ran
-            row["launches"] = len([e for e in prof.events() if e.device_type.name == "CUDA"])
-        else:  # the innermost torch ops: each would launch a kernel on a GPU
-            row["torch_ops"] = len([e for e in prof.events() if e.name.startswith("aten::")
-                                    and not any(c.name.startswith("aten::") for c in e.cpu_children)])
-        out.add("layer", cfg.layer_types[i], row, f"layer {i} ({cfg.layer_types[i]}): " +
-                ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        out.add("layer", cfg.layer_types[i], dict(row), f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        try:  # the count comes after the timings are safe in the file
+            if device.type == "cuda":  # kernels the GPU ran
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step()
+                    sync(device)
+                row["launches"] = len([e for e in prof.events() if e.device_type.name == "CUDA"])
+            else:
+                row["torch_ops"] = count_ops(step)
+        except Exception as e:
+            row["count_error"] = str(e).splitlines()[0]
+        out.add("layer", cfg.layer_types[i], row, f"{name}: " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if not k.endswith("_ms")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = DiffusionGemmaConfig.from_name("test-kernels" if args.tiny else "26b-a4b")
+    cfg = DiffusionGemmaConfig(**TINY) if args.tiny else DiffusionGemmaConfig.from_name("26b-a4b")
     out = Out(args.json)
     ceilings = device_ceilings(device)
     bandwidth = ceilings["bandwidth_GBps"]

@@ -1,0 +1,152 @@
+"""What a command line asks for: the flags of generate.py read, checked and turned into a Job (the
+mode, the prompts' token ids, the canvas pins, the samples and their check) before any weight is
+read, so that every mistake in a request is one line within a second. generate.py runs the Job.
+
+    import generate, job; from hfconfig import read_config, read_generation_config; from tokenizer import load_tokenizer
+    args = generate.build_parser().parse_args(["--max-new-tokens", "8", "def f(x):"])
+    cfg, tok = read_config("weights-code"), load_tokenizer("weights-code")
+    j = job.read_job(args, tok, cfg, read_generation_config("weights-code", cfg.eos_token_id), "weights-code")
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import sudoku
+from editing import FILL, parse_infill, parse_pin, parse_template, shell_accept
+from sampler import GenerationSettings, RequestError, check_context
+from terminal import UsageError
+from tokenizer import Tokenizer, encode_prompt
+
+DEFAULT_PROMPT = "def fibonacci(n):\n"  # what a model without a demo of its own is asked
+
+
+def read_text_file(path: str, what: str) -> str:
+    """A UTF-8 file's text, or a UsageError naming it (and the line of a byte that is not UTF-8)."""
+    try:
+        data = Path(path).read_bytes()
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+@dataclass
+class Job:
+    """What the command line asks for, read and checked once, before any weight is read."""
+    mode: str  # "prompt", "batch", "fill", "sudoku" or "chat"
+    settings: GenerationSettings  # the checkpoint's, with the flags' overrides
+    ids: list[list[int]]  # the prompts' token ids (one per prompt; each sample repeats it)
+    labels: list[str]  # what heads each output ("=== LABEL"): the file's lines, or the samples
+    seed: int = 0
+    samples: int = 1
+    render: object = None  # new tokens -> the text printed (default: the answer, without a thought)
+    echo: str = ""  # printed before a text (a raw prompt reads on into its continuation)
+    header: str = ""  # printed first (a Sudoku puzzle)
+    pins: dict | None = None  # {offset: token} of every sample
+    check: object = None  # best-of-N: new tokens -> bool; `judge` says whose check it is
+    judge: str = ""
+    picked: str = "{text}"  # how the accepted sample is printed
+    show_thought: bool = False  # --thinking: the thought goes to stderr
+    budget: str = ""  # the limit that cuts a text short, as the closing line names it
+    batch_size: int | None = None
+
+
+def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) -> Job:
+    """Decide the mode (the one place), read every file the flags name, encode the prompts and check
+    everything that needs no weights."""
+    text = {f: read_text_file(getattr(args, f + "_file"), f"--{f}-file") if getattr(args, f + "_file") else getattr(args, f)
+            for f in ("infill", "template")}
+    modes = [m for m, on in (("batch", args.batch_file), ("infill", text["infill"] is not None),
+                             ("template", text["template"] is not None), ("sudoku", args.sudoku), ("chat", args.chat)) if on]
+    shape, samples = sudoku.shape_of(tok), args.samples or 1
+    if len(modes) > 1 or (modes and modes[0] != "template" and args.prompt is not None):
+        raise UsageError("give one of: a prompt, --batch-file, --infill, --template, --sudoku, --chat")
+    if args.accept and samples < 2:
+        raise UsageError("--accept picks among samples: give --samples N as well")
+    if samples > 1 and modes in (["batch"], ["chat"]):
+        raise UsageError("--samples works on one input: a prompt, --infill, --template or --sudoku")
+    if len(args.hole) != 1:
+        raise UsageError(f"--hole must be one character, not {args.hole!r}")
+    if modes == ["sudoku"] or (shape is not None and not modes and args.prompt is None):
+        return sudoku_job(args, tok, shape, base, name)
+    if shape is not None and modes != ["template"]:
+        raise UsageError(f"{name} is a Sudoku model: it fills {shape.n}x{shape.n} grids, not text; give it "
+                         "--sudoku GRID (or nothing, for its built-in puzzle), or use --model weights-code for text")
+    if (args.chat or args.system or args.thinking) and not tok.is_chat:
+        raise UsageError(f"{name} has no chat format (no chat template or turn markers in its tokenizer): "
+                         "--chat, --system and --thinking need an instruction-tuned checkpoint")
+    settings = base.copy(max_new_tokens=args.max_new_tokens, steps=args.steps, entropy_bound=args.entropy_bound)
+    accept = args.accept and shell_accept(args.accept)
+    pins = {k: v for spec in args.pin for k, v in parse_pin(tok, spec).items()}
+    job = Job(modes[0] if modes else "prompt", settings, [], [f"sample {i + 1}" for i in range(samples)], args.seed,
+              samples, render=lambda t: tok.decode(tok.split_thought(t).answer), pins=pins or None,
+              judge=f"by {args.accept}", show_thought=args.thinking,
+              budget=f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens else
+              f"the {settings.max_new_tokens} new tokens of generation_config.json; --max-new-tokens N for more")
+    encode = lambda t, what="prompt": encode_prompt(  # noqa: E731
+        tok, t, config, job.settings.max_new_tokens, raw=args.raw, thinking=args.thinking, system=args.system, name=what)
+    if job.mode == "batch":
+        lines = [(i + 1, ln) for i, ln in enumerate(read_text_file(args.batch_file, "batch file").splitlines())]
+        lines = [(n, ln) for n, ln in lines if ln.strip()]
+        if not lines:
+            raise UsageError(f"batch file {args.batch_file} has no prompts (one prompt a line)")
+        job.ids, job.labels = [encode(ln, f"prompt on line {n}") for n, ln in lines], [f"{n}: {ln[:60]}" for n, ln in lines]
+    elif job.mode == "prompt":
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        job.ids, job.echo = [encode(prompt)], ("" if tok.is_chat and not args.raw else prompt)
+    elif job.mode == "infill":
+        left, canvas = parse_infill(tok, text["infill"], args.fill_length)
+        before, after = text["infill"].split(FILL)
+        job.ids, job.render = [left], lambda t: before + tok.decode(t[: args.fill_length]) + after
+    elif job.mode == "template":
+        canvas = parse_template(tok, text["template"], args.hole)
+        job.ids, job.render = [encode(args.prompt) if args.prompt else [config.bos_token_id]], tok.decode
+    if job.mode in ("infill", "template"):
+        canvas.pin(pins)
+        check_context(config, len(job.ids[0]), canvas.length)
+        job.mode, job.pins = "fill", canvas.pins
+        job.settings = job.settings.copy(max_new_tokens=canvas.length, eos_token_ids=())  # exactly the canvas
+    if pins and max(pins) >= job.settings.max_new_tokens:
+        raise RequestError(f"a pinned position ({max(pins)}) is beyond the {job.settings.max_new_tokens} new tokens")
+    if accept:
+        job.check = lambda t: accept(job.echo + job.render(t))
+    return job
+
+
+def sudoku_job(args, tok: Tokenizer, shape, base: GenerationSettings, name: str) -> Job:
+    """--sudoku (or a Sudoku model run bare): the puzzle's givens pinned on the canvas, best-of-N
+    with the rules as the check."""
+    if shape is None:
+        raise UsageError(f"{name} is not a Sudoku model (its tokenizer has no cell tokens)")
+    try:
+        puzzle = sudoku.parse_grid(args.sudoku, shape) if args.sudoku else sudoku.BUILTIN[shape.n]
+    except ValueError as e:
+        raise UsageError(f"--sudoku: {e}") from None
+    samples, grid = args.samples or sudoku.DEMO_SAMPLES, (lambda t: sudoku.from_tokens(t, shape))
+    settings = base.copy(max_new_tokens=shape.cells, steps=args.steps, entropy_bound=args.entropy_bound,
+                         eos_token_ids=())
+    return Job("sudoku", settings, [[tok.token_id("<bos>")]], [f"sample {i + 1} of {samples}" for i in range(samples)],
+               args.seed, samples, lambda t: sudoku.format_grid(grid(t), shape),
+               header=f"puzzle ({sum(1 for d in puzzle if d)} givens):\n{sudoku.format_grid(puzzle, shape)}\n\n",
+               pins=sudoku.pins_of(puzzle, shape), check=lambda t: sudoku.is_valid(grid(t), shape, puzzle),
+               judge="by the Sudoku rules", picked="solution ({label}):\n{text}\nvalid ✓")
+
+
+def print_prompt(job: Job, tok: Tokenizer) -> int:
+    """--print-prompt: what the model gets, special tokens visible, and its length; no weights read.
+    Pinned canvas positions follow, `_` for each free one."""
+    if job.mode == "chat":
+        raise UsageError("--print-prompt shows one prompt: give the prompt instead of --chat")
+    for ids in job.ids:
+        print(tok.decode_visible(ids))
+    n = job.settings.max_new_tokens
+    if job.pins:
+        print("canvas: " + " ".join(tok.decode_visible([job.pins[i]]) if i in job.pins else "_" for i in range(n)))
+    pinned = f", {n} canvas positions, {len(job.pins)} pinned" if job.pins else ""
+    print(f"{sum(map(len, job.ids))} prompt tokens{pinned}", file=sys.stderr)
+    return 0
