@@ -27,13 +27,11 @@ from terminal import Display, StreamPrinter, dim
 
 class Chat:
     """messages, a KV cache and the token ids it holds; send(text) -> the model's answer.
-    RequestError for a tokenizer without a chat format, or a conversation the model cannot hold."""
+    send raises RequestError for a tokenizer without a chat format, or a conversation the model
+    cannot hold."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, system: str | None = None,
                  thinking: bool = False, denoise=denoise_canvas):
-        if not tokenizer.is_chat:
-            raise RequestError("this tokenizer has no chat format (no chat template, no turn markers): "
-                               "a conversation needs an instruction-tuned checkpoint")
         self.model, self.tok, self.settings, self.denoise = model, tokenizer, settings, denoise
         self.thinking = thinking
         self.system = system

@@ -57,9 +57,12 @@ def setup(device_type: str) -> tuple[int, int, torch.device]:
 
 def finish(code: int = 0):
     """End this rank: wait until every rank is done, close the process group while the interpreter
-    is whole, flush, and leave without the interpreter's teardown. With the process group left to
-    that teardown (an atexit handler, or nothing), torch 2.14.1's gloo ranks aborted now and then
-    after their work was done ("terminate called without an active exception", SIGABRT). Never returns."""
+    is whole, flush, and leave without the interpreter's finalization. Why: a gloo worker thread lets
+    go of a finished collective's tensors a moment after the collective returns; when that moment
+    falls inside the interpreter's finalization, the thread's last decref of a Python tensor asks for
+    the GIL, Python ends the thread (pthread_exit) across a C++ frame that cannot unwind, and the rank
+    aborts after its work is done ("terminate called without an active exception", SIGABRT: seen
+    with torch 2.14.1, in a core dump). Never returns."""
     try:
         if dist.is_initialized():
             dist.barrier()  # nobody closes its connections while another rank still talks

@@ -366,8 +366,8 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
 
     pins: per row {offset from the first new token: token id}; those positions of the canvases are
     fixed (infill, templates, closing tags) and never renoised.
-    seeds: per row, the seed of its own random stream (RandomStreams); None: torch's default
-    generator, shared by the batch, as transformers draws.
+    seeds: per row, the seed of its own random stream, or the RandomStreams themselves; None: torch's
+    default generator, shared by the batch, as transformers draws.
     on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, new, finished)
     after every commit, new (B, tokens so far) the committed tokens after the prompts.
     denoise: denoise_canvas, or a faster function with its signature;
@@ -384,7 +384,7 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     max_length = P + settings.max_new_tokens
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
     cache = cache if cache is not None else new_cache(model, B, settings.positions(P, C))
-    rng = RandomStreams(seeds, device)
+    rng = seeds if isinstance(seeds, RandomStreams) else RandomStreams(seeds, device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     result = GenerationResult(sequences=seq, tokens=[], prompt_length=P)
     t0 = time.perf_counter()

@@ -10,8 +10,9 @@ empty thought block `<|channel>thought\n<channel|>`, the rewritten one of 2026-0
 A tokenizer with the Gemma 4 turn markers but no template gets CANONICAL_FORMAT (the 2026-07
 template for system, user and assistant messages); one without them is plain text.
 
-The model may think before it answers: `<|channel>thought\n...<channel|>` in its reply;
-split_thought separates that from the answer (by token id, before decoding).
+The model may think before it answers, `<|channel>thought\n...<channel|>` in its reply, and call
+tools, `<|tool_call>call:NAME{key:<|"|>text<|"|>,n:3}<tool_call|>` (the template's own notation for
+the arguments); split_thought and split_tool_calls take both apart from the answer, by token id.
 
     from tokenizer import load_tokenizer
     tok = load_tokenizer("weights-code")
@@ -28,7 +29,92 @@ from sampler import RequestError, check_context
 
 TURN_OPEN, TURN_CLOSE, THINK = "<|turn>", "<turn|>", "<|think|>"
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
-ROLES = ("system", "developer", "user", "assistant")
+CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_messages(messages) -> list[dict]:
+    """A conversation as chat templates take it: [{"role", "content": str | [parts] | None, ...}];
+    an assistant's tool_calls get their JSON-string arguments parsed (templates want mappings).
+    RequestError naming the message and the field that is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}")
+        content = m.get("content")
+        parts_ok = isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+        if not (isinstance(content, str) or parts_ok or (content is None and (m.get("tool_calls") or m["role"] == "tool"))):
+            raise RequestError(f"{where}.content must be a string or a list of content parts")
+        m = dict(m)
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise RequestError(f"{where}.tool_calls must be a list")
+            m["tool_calls"] = [call_for_template(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        out.append(m)
+    return out
+
+
+def call_for_template(call, where: str) -> dict:
+    """An OpenAI tool call with its arguments as a mapping (they arrive as a JSON string)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise RequestError(f"{where}.function.name must be a string")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise RequestError(f"{where}.function.arguments is not valid JSON") from None
+    if args is not None and not isinstance(args, dict):
+        raise RequestError(f"{where}.function.arguments must be a JSON object")
+    return {**call, "function": {**fn, "arguments": args}}
+
+
+def parse_call(text: str) -> dict:
+    """`call:NAME{key:value,...}` in the template's notation -> {"name": NAME, "arguments": {...}}:
+    strings between <|"|> marks, numbers, true/false/null, {...} and [...]; ValueError otherwise."""
+    if not text.startswith("call:") or "{" not in text:
+        raise ValueError(f"not a tool call: {text[:40]!r}")
+    name, rest = text[5:].split("{", 1)
+    value, end = _parse_value("{" + rest, 0)
+    if text[5 + len(name) + end:].strip():
+        raise ValueError("text after the arguments")
+    return {"name": name.strip(), "arguments": value}
+
+
+def _parse_value(s: str, i: int):
+    """(value, index after it) of the template's notation at s[i:]."""
+    if s.startswith(QUOTE, i):
+        j = s.index(QUOTE, i + len(QUOTE))
+        return s[i + len(QUOTE): j], j + len(QUOTE)
+    if s[i] in "{[":
+        close, items, i = "}" if s[i] == "{" else "]", [], i + 1
+        while s[i] != close:
+            if close == "}":
+                key_end = s.index(":", i)
+                key = s[i:key_end].strip()
+                key = key[len(QUOTE):-len(QUOTE)] if key.startswith(QUOTE) else key
+                value, i = _parse_value(s, key_end + 1)
+                items.append((key, value))
+            else:
+                value, i = _parse_value(s, i)
+                items.append(value)
+            if s[i] == ",":
+                i += 1
+            elif s[i] != close:
+                raise ValueError(f"expected , or {close} at {i}")
+        return (dict(items) if close == "}" else items), i + 1
+    j = i
+    while j < len(s) and s[j] not in ",}]":
+        j += 1
+    word = s[i:j].strip()
+    if word in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[word], j
+    return (float(word) if any(c in word for c in ".eE") else int(word)), j
 
 
 def strip_thinking(text: str) -> str:
@@ -110,24 +196,31 @@ class Tokenizer:
         """Special tokens shown (for --print-prompt)."""
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict], thinking: bool = False, add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation (transformers' apply_chat_template(tokenize=False))."""
-        for m in messages:
-            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"a message must be {{'role': one of {ROLES}, 'content': str}}, not {m!r}")
+    def render_chat(self, messages: list[dict], thinking: bool = False, add_generation_prompt: bool = True,
+                    tools: list | None = None) -> str:
+        """The prompt text of a conversation (transformers' apply_chat_template(tokenize=False)); tools:
+        OpenAI-style function declarations, which the checkpoint's template renders."""
+        messages = check_messages(messages)
+        if not self.is_chat:
+            raise RequestError("this tokenizer has no chat format (no chat template, no turn markers): a conversation "
+                               "needs an instruction-tuned checkpoint")
         if self.template is None:
+            plain = all(isinstance(m["content"], str) and m["role"] != "tool" and not m.get("tool_calls")
+                        for m in messages)
+            if tools or not plain:
+                raise RequestError("tools, tool messages and content parts need the checkpoint's own chat template")
             return canonical_format(messages, self.bos_token, add_generation_prompt, thinking)
         import jinja2
         try:
             return self.template.render(messages=messages, bos_token=self.bos_token, enable_thinking=thinking,
-                                        add_generation_prompt=add_generation_prompt)
+                                        add_generation_prompt=add_generation_prompt, tools=tools)
         except jinja2.TemplateError as e:
             raise CheckpointError(f"{self.template_file} failed on this conversation: {e}") from None
 
-    def apply_chat_template(self, messages: list[dict], thinking: bool = False,
-                            add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
-        return self.encode(self.render_chat(messages, thinking, add_generation_prompt))
+    def apply_chat_template(self, messages: list[dict], thinking: bool = False, add_generation_prompt: bool = True,
+                            tools: list | None = None) -> list[int]:
+        """Token ids of a conversation [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]."""
+        return self.encode(self.render_chat(messages, thinking, add_generation_prompt, tools))
 
     def prompt_ids(self, text: str, chat: bool = True, thinking: bool = False, system: str | None = None) -> list[int]:
         """One user turn (after an optional system prompt) ready for the model to answer, in the chat
@@ -150,6 +243,26 @@ class Tokenizer:
             inner = inner[len(label):]
         answer = ids[:start] + ([] if end is None else ids[end + 1:])
         return Thought(answer=answer, thought=inner, finished=end is not None)
+
+    def split_tool_calls(self, ids: list[int]) -> tuple[list[int], list[dict]]:
+        """The answer without its `<|tool_call>...<tool_call|>` spans, and each call parsed
+        ({"name", "arguments"}); a span that does not parse stays in the answer."""
+        open_id, close_id = self.token_id(CALL_OPEN), self.token_id(CALL_CLOSE)
+        if open_id is None or open_id not in ids:
+            return list(ids), []
+        answer, calls, i = [], [], 0
+        while i < len(ids):
+            if ids[i] == open_id and close_id in ids[i:]:
+                end = ids.index(close_id, i)
+                try:
+                    calls.append(parse_call(self.decode_visible(ids[i + 1: end]).strip()))
+                    i = end + 1
+                    continue
+                except (ValueError, IndexError):
+                    pass
+            answer.append(ids[i])
+            i += 1
+        return answer, calls
 
 
 def encode_prompt(tok: Tokenizer, text: str, config, max_new_tokens: int, *, raw: bool = False,

@@ -1,0 +1,220 @@
+"""The wire formats serve.py speaks: OpenAI's chat and text completions and llama.cpp's /infill,
+each request checked field by field into a batcher.Request (an ApiError names the field that is
+wrong), and the tokens a request got turned back into the reply its client expects: content, the
+thought as reasoning_content, tool calls parsed from the model's own notation, finish reasons, usage.
+
+    import torch; from api import Api; from batcher import Batcher; from generate import load
+    model, tok = load("weights-code", "cpu", torch.float32)
+    api = Api(model, tok, "weights-code", Batcher(model), api_key=None, max_tokens=4096)
+    req, how = api.completion({"prompt": "def f(x):", "max_tokens": 8, "seed": 0})
+    api.batcher.submit(req); print(api.reply(req, how, req.wait())["choices"][0]["text"]); api.batcher.stop()
+"""
+
+import json
+import secrets
+import time
+import uuid
+
+from batcher import Batcher, Request
+from editing import FILL, Canvas, parse_infill, parse_pin, parse_template
+from hfconfig import CheckpointError
+from sampler import RequestError, check_context
+
+
+class ApiError(Exception):
+    """A request the server refuses: the HTTP status, and an OpenAI-style error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.kind = status, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.status}}
+
+
+KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
+
+
+def field(body: dict, name: str, kind, default=None, low=None, high=None, *, where: str = ""):
+    """body[name] checked: its type, and low <= value <= high; ApiError 400 naming the field."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ApiError(400, f"{where}{name} must be {KINDS[kind]}", where + name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"{where}{name} must be between {low} and {high}, not {value}", where + name)
+    return value
+
+
+def stops_of(body: dict) -> list[str]:
+    """The request's stop strings (OpenAI's `stop`: a string or up to four)."""
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a string or a list of at most 4 non-empty strings", "stop")
+    return stop
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
+    ends = [text.find(s) for s in stops if s in text]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+class Api:
+    """What the endpoints share: the model, its tokenizer and defaults, the worker."""
+
+    def __init__(self, model, tok, name: str, batcher: Batcher, api_key: str | None, max_tokens: int):
+        self.model, self.tok, self.name, self.batcher = model, tok, name, batcher
+        self.api_key, self.max_tokens, self.created = api_key, max_tokens, int(time.time())
+
+    def request(self, body: dict, ids: list[int], max_tokens: int, canvas: Canvas | None = None) -> Request:
+        """The worker's Request: the settings, the diffusion extension, the seed, the checks."""
+        ext = field(body, "diffusion", dict, {})
+        settings = self.model.generation_settings.copy(
+            max_new_tokens=max_tokens, steps=field(ext, "steps", int, None, 1, 1024, where="diffusion."),
+            entropy_bound=field(ext, "entropy_bound", float, None, 1e-6, 1e6, where="diffusion."))
+        if canvas is None and field(ext, "template", str) is not None:  # the answer is the template, filled
+            canvas = parse_template(self.tok, ext["template"], field(ext, "hole", str, "_", where="diffusion."))
+        pins = {}
+        for offset, text in field(ext, "pins", dict, {}).items():
+            if not isinstance(text, str) or not str(offset).isdigit():
+                raise ApiError(400, "diffusion.pins maps new-token offsets to text, e.g. {\"40\": \"}\"}", "diffusion.pins")
+            pins.update(parse_pin(self.tok, f"{offset}:{text}"))
+        if canvas is not None:
+            canvas.pin(pins)
+            settings, pins = settings.copy(max_new_tokens=canvas.length, eos_token_ids=()), canvas.pins
+        elif pins and max(pins) >= settings.max_new_tokens:
+            raise ApiError(400, f"diffusion.pins: position {max(pins)} is beyond the {max_tokens} new tokens",
+                           "diffusion.pins")
+        try:
+            check_context(self.model.config, len(ids), settings.max_new_tokens)
+        except RequestError as e:
+            raise ApiError(400, str(e), "max_tokens") from None
+        seed = field(body, "seed", int, secrets.randbelow(2 ** 31), -2 ** 63, 2 ** 63 - 1)
+        return Request(ids, settings, seed, field(body, "n", int, 1, 1, 16), pins or None,
+                       bool(field(ext, "stream_canvas", bool, False)), field(ext, "cache_prompt", bool, True))
+
+    def budget(self, body: dict, *names, default: int) -> int:
+        for n in names:
+            if body.get(n) is not None:
+                return field(body, n, int, None, 0 if n == "n_predict" else 1, self.max_tokens)
+        return default
+
+    def chat(self, body: dict) -> tuple[Request, dict]:
+        """/v1/chat/completions: the Request, and how to build its reply."""
+        tools = field(body, "tools", list)
+        if tools is not None and body.get("tool_choice") == "none":
+            tools = None
+        kwargs = field(body, "chat_template_kwargs", dict, {})
+        thinking = bool(field(body, "thinking", bool, False) or kwargs.get("enable_thinking")
+                        or body.get("reasoning_effort") not in (None, "none"))
+        try:
+            ids = self.tok.apply_chat_template(field(body, "messages", list, []), thinking=thinking, tools=tools)
+        except (RequestError, CheckpointError) as e:
+            raise ApiError(400, str(e), "messages") from None
+        max_tokens = self.budget(body, "max_completion_tokens", "max_tokens",
+                                 default=self.model.generation_settings.max_new_tokens)
+        req = self.request(body, ids, max_tokens)
+        return req, {"kind": "chat", "stops": stops_of(body), "thinking": thinking, "max": req.settings.max_new_tokens,
+                     "id": "chatcmpl-" + uuid.uuid4().hex[:24]}
+
+    def completion(self, body: dict) -> tuple[Request, dict]:
+        """/v1/completions (with `suffix`: the gap filled): the Request, and how to build its reply."""
+        prompt = body.get("prompt")
+        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "prompt must be a non-empty string", "prompt")
+        suffix = field(body, "suffix", str)
+        max_tokens = self.budget(body, "max_tokens", default=16)
+        canvas = None
+        if suffix:  # the gap: max_tokens free positions, then the suffix pinned
+            ids, canvas = parse_infill(self.tok, prompt.replace(FILL, "") + FILL + suffix, max_tokens)
+        else:
+            ids = self.tok.encode_raw(prompt)
+        echo = prompt if field(body, "echo", bool, False) else ""
+        return (self.request(body, ids, max_tokens, canvas), {"kind": "completion", "stops": stops_of(body),
+                                                              "fill": max_tokens if suffix else None, "echo": echo,
+                                                              "max": max_tokens, "id": "cmpl-" + uuid.uuid4().hex[:24]})
+
+    def infill(self, body: dict) -> tuple[Request, dict]:
+        """llama.cpp's /infill: the Request, and how to build its reply."""
+        extra = field(body, "input_extra", list, [])
+        if not all(isinstance(x, dict) and isinstance(x.get("text", ""), str) for x in extra):
+            raise ApiError(400, "input_extra must be a list of {filename, text}", "input_extra")
+        left = "".join(f"{x.get('filename', '')}\n{x.get('text', '')}\n" for x in extra)
+        left += field(body, "input_prefix", str, "") + field(body, "prompt", str, "")
+        n = body.get("n_predict")
+        n = 16 if n is None or (isinstance(n, int) and n < 0) else self.budget(body, "n_predict", default=16)
+        suffix = field(body, "input_suffix", str, "")
+        ids, canvas = parse_infill(self.tok, (left or "\n").replace(FILL, "") + FILL + suffix.replace(FILL, ""), max(n, 1))
+        ext = {**field(body, "diffusion", dict, {}), "cache_prompt": field(body, "cache_prompt", bool, True)}
+        req = self.request(dict(body, diffusion=ext), ids, max(n, 1), canvas)
+        if n == 0:  # llama.vim's warm-up: read the prompt into the cache, generate nothing
+            req.settings = req.settings.copy()
+            req.settings.max_new_tokens = 0
+        return req, {"kind": "infill", "stops": [], "fill": n, "max": n, "id": "infill-" + uuid.uuid4().hex[:24]}
+
+    # -- turning tokens into replies --------------------------------------------------------------
+
+    def generated(self, tokens: list[int], how: dict) -> list[int]:
+        """The tokens the model wrote: of a filled gap, those before the pinned suffix (up to an EOS)."""
+        if how.get("fill") is None:
+            return tokens
+        tokens = tokens[: how["fill"]]
+        return tokens[: next((i for i, t in enumerate(tokens) if t in self.model.config.eos_token_id), len(tokens))]
+
+    def text_of(self, tokens: list[int], how: dict, final: bool) -> dict:
+        """A choice's parts: content, reasoning, tool calls, finish reason (with the stop strings)."""
+        tok = self.tok
+        tokens = self.generated(tokens, how)
+        split = tok.split_thought(tokens) if how["kind"] == "chat" else None
+        answer, calls = tok.split_tool_calls(split.answer) if split else (tokens, [])
+        text, stopped = cut_at_stop(tok.decode(answer), how["stops"])
+        parts = {"content": how.get("echo", "") + text,
+                 "reasoning": tok.decode(split.thought) if split and split.thought is not None and how["thinking"] else None,
+                 "calls": calls if final else []}
+        parts["finish"] = "tool_calls" if calls else "stop" if stopped or len(tokens) < how["max"] else "length"
+        return parts
+
+    def choice(self, i: int, parts: dict, kind: str) -> dict:
+        if kind != "chat":
+            return {"index": i, "text": parts["content"], "logprobs": None, "finish_reason": parts["finish"]}
+        message = {"role": "assistant", "content": parts["content"]}
+        if parts["reasoning"] is not None:
+            message["reasoning_content"] = parts["reasoning"]
+        if parts["calls"]:
+            message["tool_calls"] = tool_calls(parts["calls"])
+        return {"index": i, "message": message, "logprobs": None, "finish_reason": parts["finish"]}
+
+    def usage(self, req: Request, done: dict, how: dict) -> dict:
+        completion = sum(len(self.generated(t, how)) for t in done["tokens"])
+        return {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
+                "total_tokens": len(req.prompt) + completion,
+                "prompt_tokens_details": {"cached_tokens": done["tokens_cached"]}}
+
+    def reply(self, req: Request, how: dict, done: dict) -> dict:
+        """The whole (not streamed) reply."""
+        parts = [self.text_of(t, how, True) for t in done["tokens"]]
+        if how["kind"] == "infill":
+            ms, n = done["seconds"] * 1e3, len(self.generated(done["tokens"][0], how))
+            return {"content": parts[0]["content"], "tokens_cached": done["tokens_cached"], "truncated": False,
+                    "stop": True, "model": self.name, "tokens_predicted": n, "tokens_evaluated": len(req.prompt),
+                    "timings": {"prompt_n": len(req.prompt) - done["tokens_cached"], "prompt_ms": 0.0,
+                                "predicted_n": n, "predicted_ms": ms, "predicted_per_second": n / max(ms / 1e3, 1e-9)}}
+        obj = "chat.completion" if how["kind"] == "chat" else "text_completion"
+        return {"id": how["id"], "object": obj, "created": int(time.time()), "model": self.name,
+                "system_fingerprint": f"seed-{req.seed}", "choices": [self.choice(i, p, how["kind"]) for i, p in enumerate(parts)],
+                "usage": self.usage(req, done, how),
+                "diffusion": {"seed": req.seed, "canvases": done["canvases"], "steps": done["steps"],
+                              "rows_in_batch": done.get("rows_in_batch", 1)}}
+
+
+def tool_calls(calls: list[dict]) -> list[dict]:
+    """Parsed calls as OpenAI's tool_calls (the arguments as a JSON string)."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "index": i,
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for i, c in enumerate(calls)]
