@@ -120,8 +120,62 @@ class Api:
         max_tokens = self.budget(body, "max_completion_tokens", "max_tokens",
                                  default=self.model.generation_settings.max_new_tokens)
         req = self.request(body, ids, max_tokens)
-        return req, {"kind": "chat", "stops": stops_of(body), "thinking": thinking, "max": req.settings.max_new_tokens,
-                     "id": "chatcmpl-" + uuid.uuid4().hex[:24]}
+        how = {"kind": "chat", "stops": stops_of(body), "thinking": thinking, "max": req.settings.max_new_tokens,
+               "id": "chatcmpl-" + uuid.uuid4().hex[:24]}
+        if tools and body.get("response_format") is not None:
+            raise ApiError(400, "response_format does not go with tools: the schema lays out the whole answer",
+                           "response_format")
+        return req, self.with_schema(body, req, how)
+
+    def with_schema(self, body: dict, req: Request, how: dict) -> dict:
+        """With a response_format that asks for JSON, the request becomes a job (json_job)."""
+        schema = self.response_schema(body)
+        if schema is not None:
+            if req.pins:
+                raise ApiError(400, "response_format does not go with a suffix or diffusion pins/template: the schema "
+                               "lays out the whole answer", "response_format")
+            req.job, how["max"] = self.json_job(req, schema), float("inf")
+        return how
+
+    def response_schema(self, body: dict) -> dict | None:
+        """The JSON Schema response_format asks for: json_schema's schema, any object for json_object,
+        None for text."""
+        fmt = field(body, "response_format", dict)
+        kind = None if fmt is None else fmt.get("type")
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind != "json_schema":
+            raise ApiError(400, f"response_format.type must be text, json_object or json_schema, not {kind!r}",
+                           "response_format.type")
+        spec = field(fmt, "json_schema", dict, where="response_format.")
+        schema = None if spec is None else field(spec, "schema", dict, where="response_format.json_schema.")
+        if schema is None:
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                           "response_format.json_schema.schema")
+        return schema
+
+    def json_job(self, req: Request, schema: dict):
+        """The batcher's job for a JSON Schema: req.n values, each editing.generate_json's (checked now:
+        an unsupported keyword, or a canvas longer than the context, is a 400)."""
+        from editing import generate_json
+        from structured import SchemaError, build, check_schema, token_sets
+        try:
+            check_schema(schema)
+            length = len(build(schema, self.tok, token_sets(self.tok, self.model.config.vocab_size)).tokens)
+            check_context(self.model.config, len(req.prompt), length)
+        except SchemaError as e:
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
+        except RequestError as e:
+            raise ApiError(400, str(e), "messages") from None
+
+        def job(**fast) -> dict:
+            out = [generate_json(self.model, self.tok, req.prompt, schema, req.settings, seed=req.seed + i, **fast)
+                   for i in range(req.n)]
+            return {"tokens": [f.tokens for f in out], "steps": [k for f in out for k in f.steps],
+                    "repair_rounds": [f.rounds for f in out]}
+        return job
 
     def completion(self, body: dict) -> tuple[Request, dict]:
         """/v1/completions (with `suffix`: the gap filled): the Request, and how to build its reply."""
@@ -137,9 +191,10 @@ class Api:
         else:
             ids = self.tok.encode_raw(prompt)
         echo = prompt if field(body, "echo", bool, False) else ""
-        return (self.request(body, ids, max_tokens, canvas), {"kind": "completion", "stops": stops_of(body),
-                                                              "fill": max_tokens if suffix else None, "echo": echo,
-                                                              "max": max_tokens, "id": "cmpl-" + uuid.uuid4().hex[:24]})
+        req = self.request(body, ids, max_tokens, canvas)
+        how = {"kind": "completion", "stops": stops_of(body), "fill": max_tokens if suffix else None, "echo": echo,
+               "max": max_tokens, "id": "cmpl-" + uuid.uuid4().hex[:24]}
+        return req, self.with_schema(body, req, how)
 
     def infill(self, body: dict) -> tuple[Request, dict]:
         """llama.cpp's /infill: the Request, and how to build its reply."""
@@ -211,7 +266,8 @@ class Api:
                 "system_fingerprint": f"seed-{req.seed}", "choices": [self.choice(i, p, how["kind"]) for i, p in enumerate(parts)],
                 "usage": self.usage(req, done, how),
                 "diffusion": {"seed": req.seed, "canvases": done["canvases"], "steps": done["steps"],
-                              "rows_in_batch": done.get("rows_in_batch", 1)}}
+                              "rows_in_batch": done.get("rows_in_batch", 1),
+                              **({"repair_rounds": done["repair_rounds"]} if "repair_rounds" in done else {})}}
 
 
 def tool_calls(calls: list[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ that stop when their client goes away.
     model is free, the first request and every one with the same sampler settings that waits, or
     arrives within `wait` seconds, up to batch_size rows (a request with n samples takes n rows),
     run as one block_diffusion batch.
-  - Every row draws from its own random stream (sampler.RandomStreams), seeded by its request's seed
+  - Every row draws from its own random stream (streams.RandomStreams), seeded by its request's seed
     (sample i: seed + i), so a request gets the same tokens alone or in any batch, and the same as
     `generate.py --seed` gives that prompt.
   - A request alone in its batch reuses the KV cache of an earlier prompt that shares its beginning
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache import KVCache
-from sampler import GenerationSettings, NonFiniteLogits, block_diffusion, trim
+from sampler import GenerationSettings, NonFiniteLogits, RequestError, block_diffusion, trim
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Request:
     pins: dict | None = None  # {offset: token}
     canvas_events: bool = False  # an event after every denoising step
     cache_prompt: bool = True  # may read from and write to the prefix cache
+    job: object = None  # instead of one generation: job(**fast paths) -> the "done" payload, run alone
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens_cached: int = 0  # prompt tokens the prefix cache already held
@@ -70,6 +71,8 @@ class Request:
     def batch_key(self) -> tuple:
         """Requests with the same key can share a batch."""
         s = self.settings
+        if self.job is not None:  # a job (a JSON Schema's repair rounds) runs by itself
+            return ("job", id(self))
         return (tuple(sorted(vars(s.sampler).items())), s.eos_token_ids, s.pad_token_id, s.max_new_tokens == 0)
 
 
@@ -204,6 +207,8 @@ class Batcher:
     @torch.no_grad()
     def generate(self, batch: list[Request]) -> None:
         """One block_diffusion batch for these requests; each gets its own rows' tokens."""
+        if batch[0].job is not None:
+            return self.run_job(batch[0])
         rows = [(r, i) for r in batch for i in range(r.n)]
         settings = batch[0].settings.copy(max_new_tokens=max(r.settings.max_new_tokens for r in batch))
         now = time.perf_counter()
@@ -251,6 +256,16 @@ class Batcher:
             r.events.put(("done", {"tokens": tokens, "canvases": result.canvases, "steps": result.steps,
                                    "seconds": time.perf_counter() - r.started, "tokens_cached": r.tokens_cached,
                                    "rows_in_batch": len(rows)}))
+
+    def run_job(self, r: Request) -> None:
+        """A request that is a job of its own (editing.generate_json for a JSON Schema)."""
+        r.started = time.perf_counter()
+        try:
+            done = r.job(**self.fast)
+        except RequestError as e:  # what the request asks cannot be met (a schema path no sample filled)
+            return self.fail([r], 422, str(e))
+        r.events.put(("done", {"canvases": len(done["steps"]), "tokens_cached": 0, "rows_in_batch": r.n, **done,
+                               "seconds": time.perf_counter() - r.started}))
 
     def prime(self, batch: list[Request], cache, keep: int) -> None:
         """max_new_tokens 0: read the prompt into the prefix cache, generate nothing."""

@@ -12,12 +12,13 @@ everything a step reads lives in buffers made once per generation:
     the pinned positions, the step number and the sampler's keys are static buffers that each replay
     reads and rewrites;
   - the sampler pass is the fused kernel keyed by a buffer the host fills before each replay
-    (sampler.RandomStreams.keys), so the graph draws nothing from torch's generators and a seed
+    (streams.RandomStreams.keys), so the graph draws nothing from torch's generators and a seed
     means the same with and without the graph;
   - NaN logits raise a flag that is read once per canvas, never a host sync inside the step.
 Two graphs are captured once per generation, on its first canvas: the first step of a canvas
 (no previous logits) and every later step. The host reads one tensor per step, the stop rule.
-A cache that is not static (a chat's, which rolls back) runs the same keyed steps eagerly.
+A cache that is not static (a chat's, which rolls back), and a canvas with positions restricted to
+token sets (sampler.Allowed), run the same keyed steps eagerly.
 
 Needs a MoE that never waits for the host (cuda_kernels.FusedExperts: the plain one groups tokens
 by expert on the host) and, on a GPU, the CUDA kernels' sampler pass.
@@ -190,7 +191,8 @@ class GraphedDenoiser:
         return StaticKVCache(c.layer_types, c.sliding_window, shapes, capacity, model.dtype, model.device)
 
     def __call__(self, model, cache, state: DenoiseState, s: SamplerSettings, on_step=None) -> tuple:
-        if not self.use_graph or not isinstance(cache, StaticKVCache):
+        if not self.use_graph or not isinstance(cache, StaticKVCache) or state.allowed is not None:
+            # (a canvas with restricted positions runs the same keyed steps eagerly: its sets vary)
             return denoise_canvas(model, cache, state, s, on_step, stats=self.eager_stats)
         if self.cache is not cache:  # the first canvas of a generation: buffers and graphs
             self.setup(model, cache, state, s)

@@ -19,6 +19,7 @@ as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,8 +84,9 @@ def default_batch_size(model, n_prompts: int) -> int:
 def generate(model, tokenizer: Tokenizer, prompt: str | list[str], *, max_new_tokens: int | None = None,
              steps: int | None = None, entropy_bound: float | None = None, seed: int | None = None,
              raw: bool = False, thinking: bool = False, system: str | None = None,
-             batch_size: int | None = None, return_thought: bool = False):
+             batch_size: int | None = None, return_thought: bool = False, json_schema: dict | None = None):
     """Text for one prompt, or a list of texts for a list of prompts (in batches of batch_size).
+    json_schema: the text is JSON that satisfies it (editing.generate_json, one prompt at a time).
     seed: every prompt draws from its own stream seeded with it (its text does not depend on the
     batch); None: torch's default generator, shared by the batch. The thought of a thinking model
     is left out of the text; return_thought: (answer, thought)."""
@@ -92,6 +94,10 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[str], *, max_new_to
     settings = settings_for(model, max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound)
     ids = [encode_prompt(tokenizer, p, model.config, settings.max_new_tokens, raw=raw, thinking=thinking, system=system)
            for p in prompts]
+    if json_schema is not None:
+        from editing import generate_json
+        out = [generate_json(model, tokenizer, p, json_schema, settings, seed=seed or 0).text.rstrip() for p in ids]
+        return out[0] if isinstance(prompt, str) else out
     seeds = None if seed is None else [seed] * len(ids)
     out = []
     for result in run_batches(model, ids, settings, batch_size or default_batch_size(model, len(ids)), seeds=seeds):
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sudoku", metavar="GRID", help="a puzzle for a Sudoku model: its digits row by row, . or 0 empty")
     p.add_argument("--pin", action="append", default=[], metavar="OFFSET:TEXT",
                    help="fix the tokens of TEXT at new-token OFFSET (e.g. a closing '}'); repeatable")
+    p.add_argument("--json-schema", metavar="FILE", help="the output is JSON that satisfies this JSON Schema (a file)")
+    p.add_argument("--json", action="store_true", help="the output is a JSON object (any)")
     p.add_argument("--samples", type=positive(int), help="best-of-N: N samples of the same input, in one batch")
     p.add_argument("--accept", metavar="CMD", help="shell command given each sample on stdin; exit 0 accepts it")
     p.add_argument("--raw", action="store_true", help="the prompt as written, without the chat format")
@@ -216,9 +224,10 @@ def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> in
     seeds = [job.seed + i for i in range(job.samples)] if job.samples > 1 else [job.seed] * len(job.ids)
     size = job.batch_size or default_batch_size(model, n)
     try:
-        results = run_batches(model, job.ids * job.samples, s, distributed.agree_min(size) if distributed.launched()
-                              else size, pins=None if job.pins is None else [job.pins] * n, seeds=seeds,
-                              on_batch=on_batch, on_canvas=on_canvas, on_step=progress.on_step, **fast)
+        size = distributed.agree_min(size) if distributed.launched() else size
+        results = run_batches(model, job.ids * job.samples, s, size, pins=None if job.pins is None else [job.pins] * n,
+                              seeds=seeds, allowed=job.allowed, on_batch=on_batch, on_canvas=on_canvas,
+                              on_step=progress.on_step, **fast)
     except (KeyboardInterrupt, NonFiniteLogits) as e:
         return stopped(e, progress, show if n > 1 else (lambda row, t: None), printed[0], n == 1)
     progress.bar.close()
@@ -241,6 +250,27 @@ def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> in
         print(f"error: none of the {len(ok)} samples was accepted {job.judge}: try --samples with a larger N",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def run_json(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> int:
+    """--json / --json-schema: a value that satisfies the schema (editing.generate_json) on stdout."""
+    from editing import generate_json
+    from structured import SchemaError
+    view = CanvasView(tok.decode, job.settings.sampler.max_steps) if display.show_canvas else None
+    hooks = {} if view is None else {"on_step": view.draw, "on_canvas": lambda *_: view.clear()}
+    t0 = time.perf_counter()
+    try:
+        f = generate_json(model, tok, job.ids[0], job.schema, job.settings, seed=job.seed, samples=job.samples,
+                          **hooks, **fast)
+    except SchemaError as e:  # no sample could be filled: not a mistake in the request
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f.text.rstrip(), flush=True)
+    if not display.quiet:
+        fixes = f", {len(f.snapped)} choice{'s' * (len(f.snapped) != 1)} snapped" if f.snapped else ""
+        print(f"{len(f.tokens)} tokens, {f.rounds} repair round{'s' * (f.rounds != 1)}{fixes}, valid against the "
+              f"schema, {time.perf_counter() - t0:.1f} s, device {model.device}", file=sys.stderr)
     return 0
 
 
@@ -275,6 +305,8 @@ def main(args: argparse.Namespace) -> int:
     fast, line = choose_fast_path(model, args.kernels, not args.no_cuda_graph and not distributed.launched())
     announce = None if args.kernels == "torch" and model.device.type != "cuda" else line  # nothing chosen on a CPU
     display = Display(quiet, args.show_canvas or (job.mode == "sudoku" and sys.stderr.isatty()), announce)
+    if job.mode == "json":
+        return run_json(model, tok, job, display, fast)
     if job.mode != "chat":
         return run_job(model, tok, job, display, fast)
     from chat import chat_loop

@@ -8,6 +8,7 @@ read, so that every mistake in a request is one line within a second. generate.p
     j = job.read_job(args, tok, cfg, read_generation_config("weights-code", cfg.eos_token_id), "weights-code")
 """
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ def read_text_file(path: str, what: str) -> str:
 @dataclass
 class Job:
     """What the command line asks for, read and checked once, before any weight is read."""
-    mode: str  # "prompt", "batch", "fill", "sudoku" or "chat"
+    mode: str  # "prompt", "batch", "fill", "sudoku", "chat" or "json"
     settings: GenerationSettings  # the checkpoint's, with the flags' overrides
     ids: list[list[int]]  # the prompts' token ids (one per prompt; each sample repeats it)
     labels: list[str]  # what heads each output ("=== LABEL"): the file's lines, or the samples
@@ -54,6 +55,8 @@ class Job:
     show_thought: bool = False  # --thinking: the thought goes to stderr
     budget: str = ""  # the limit that cuts a text short, as the closing line names it
     batch_size: int | None = None
+    schema: dict | None = None  # --json / --json-schema: what the output must satisfy
+    allowed: object = None  # sampler.Allowed: the tokens positions of every sample may take
 
 
 def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) -> Job:
@@ -62,10 +65,15 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) 
     text = {f: read_text_file(getattr(args, f + "_file"), f"--{f}-file") if getattr(args, f + "_file") else getattr(args, f)
             for f in ("infill", "template")}
     modes = [m for m, on in (("batch", args.batch_file), ("infill", text["infill"] is not None),
-                             ("template", text["template"] is not None), ("sudoku", args.sudoku), ("chat", args.chat)) if on]
+                             ("template", text["template"] is not None), ("sudoku", args.sudoku), ("chat", args.chat),
+                             ("json", args.json_schema or args.json)) if on]
     shape, samples = sudoku.shape_of(tok), args.samples or 1
-    if len(modes) > 1 or (modes and modes[0] != "template" and args.prompt is not None):
-        raise UsageError("give one of: a prompt, --batch-file, --infill, --template, --sudoku, --chat")
+    if len(modes) > 1 or (modes and modes[0] not in ("template", "json") and args.prompt is not None):
+        raise UsageError("give one of: a prompt, --batch-file, --infill, --template, --sudoku, --chat "
+                         "(--json and --json-schema take a prompt)")
+    if "json" in modes and (args.pin or args.accept):
+        raise UsageError(f"--{'pin' if args.pin else 'accept'} does not go with --json/--json-schema: the schema "
+                         "pins the canvas, and every sample is checked against it")
     if args.accept and samples < 2:
         raise UsageError("--accept picks among samples: give --samples N as well")
     if samples > 1 and modes in (["batch"], ["chat"]):
@@ -103,6 +111,10 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) 
         left, canvas = parse_infill(tok, text["infill"], args.fill_length)
         before, after = text["infill"].split(FILL)
         job.ids, job.render = [left], lambda t: before + tok.decode(t[: args.fill_length]) + after
+    elif job.mode == "json":
+        job.ids, job.schema = [encode(args.prompt) if args.prompt else [config.bos_token_id]], read_schema(args)
+        length = check_schema_fits(job.schema, tok, config, job.samples)
+        check_context(config, len(job.ids[0]), length)
     elif job.mode == "template":
         canvas = parse_template(tok, text["template"], args.hole)
         job.ids, job.render = [encode(args.prompt) if args.prompt else [config.bos_token_id]], tok.decode
@@ -116,6 +128,25 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) 
     if accept:
         job.check = lambda t: accept(job.echo + job.render(t))
     return job
+
+
+def read_schema(args) -> dict:
+    """The schema of --json-schema FILE (a UsageError naming a line that is not JSON), or of --json: any object."""
+    if not args.json_schema:
+        return {"type": "object"}
+    text = read_text_file(args.json_schema, "--json-schema")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--json-schema {args.json_schema} is not JSON (line {e.lineno}: {e.msg})") from None
+
+
+def check_schema_fits(schema: dict, tok: Tokenizer, config, samples: int) -> int:
+    """structured's check of a schema, and the canvas layouts of its samples: their longest length."""
+    from structured import build, check_schema, token_sets
+    check_schema(schema)  # a keyword it cannot guarantee: one line naming it
+    sets = token_sets(tok, config.vocab_size)
+    return max(len(build(schema, tok, sets, branch=i).tokens) for i in range(samples))
 
 
 def sudoku_job(args, tok: Tokenizer, shape, base: GenerationSettings, name: str) -> Job:
@@ -133,7 +164,8 @@ def sudoku_job(args, tok: Tokenizer, shape, base: GenerationSettings, name: str)
     return Job("sudoku", settings, [[tok.token_id("<bos>")]], [f"sample {i + 1} of {samples}" for i in range(samples)],
                args.seed, samples, lambda t: sudoku.format_grid(grid(t), shape),
                header=f"puzzle ({sum(1 for d in puzzle if d)} givens):\n{sudoku.format_grid(puzzle, shape)}\n\n",
-               pins=sudoku.pins_of(puzzle, shape), check=lambda t: sudoku.is_valid(grid(t), shape, puzzle),
+               pins=sudoku.pins_of(puzzle, shape), allowed=sudoku.cells_allowed(shape),
+               check=lambda t: sudoku.is_valid(grid(t), shape, puzzle),
                judge="by the Sudoku rules", picked="solution ({label}):\n{text}\nvalid ✓")
 
 

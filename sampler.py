@@ -25,16 +25,17 @@ One sampler step (sampler_step):
   4. next canvas = sampled at accepted positions, fresh random tokens everywhere else
   5. a row stops when its argmax did not change since the previous step (stable) and its mean
      entropy is < confidence_threshold (confident)
+Positions may be restricted to sets of tokens (Allowed: JSON values, Sudoku digits, closing tags):
+their other logits become -inf before step 1, so the temperature, the entropy (and with it the
+bound), the sample and the argmax all see only the allowed tokens. Without a restriction the step
+is bit for bit the same.
 
-Random numbers (RandomStreams) are drawn in this order, per canvas one randint (the initial canvas),
-per step one multinomial then one randint (the renoise), from one of two sources:
-  shared   torch's default generator, for the whole batch at once: a seed reproduces transformers
-           token for token, batch included (the parity tests)
-  per row  a generator per row, seeded by that row's seed, drawn only while the row is denoised:
-           a row's text depends on its prompt and its seed alone, not on the batch it ran in
-For a batch of one the two are the same draws.
+Random numbers (streams.RandomStreams) are drawn in this order, per canvas one randint (the initial
+canvas), per step one multinomial then one randint (the renoise), from torch's default generator
+shared by the batch (transformers' draws, token for token) or from a generator per row (a row's text
+then depends on its prompt and seed alone, not on its batch).
 
-    import torch; from sampler import DenoiseState, RandomStreams, SamplerSettings, sampler_step
+    import torch; from sampler import DenoiseState, SamplerSettings, sampler_step; from streams import RandomStreams
     state = DenoiseState.start(1, 8, 50, RandomStreams([0], "cpu"), steps=48)
     state = sampler_step(state, torch.randn(1, 8, 50), SamplerSettings(), torch.float32)
 """
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvcache import KVCache
+from streams import RandomStreams
 
 RELEASED_GENERATION_EOS = (1, 106, 50)  # generation_config.json of the released model: <eos>, <turn|>, <|tool_response>
 
@@ -88,46 +90,35 @@ def entropy_bound_accept(token_entropy: torch.Tensor, bound: float) -> torch.Ten
     return torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
 
 
-class RandomStreams:
-    """Where a loop's random numbers come from: torch's default generator shared by the batch
-    (seeds None), or one generator per row seeded by seeds[row]. `drawing` (B,) bool says which rows
-    draw; per-row streams skip the others (a row alone would not draw there), the shared stream
-    draws for every row, as transformers does."""
+@dataclass
+class Allowed:
+    """Which tokens positions may take: `sets`, a small table of token-id lists, and per row (or one
+    for every row) {offset from the first new token: index into sets}; other positions are free."""
+    sets: list[list[int]]
+    rows: list[dict[int, int]]
 
-    def __init__(self, seeds: list[int] | None, device):
-        self.device = torch.device(device)
-        self.generators = None if seeds is None else [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+    def for_canvas(self, ci: int, B: int, C: int, V: int, device) -> tuple | None:
+        """(bias (S, V): 0 where allowed, -inf elsewhere; [(flat positions (B*C) of a set, set index)])
+        for canvas ci of B rows, or None when it restricts nothing."""
+        groups: dict[int, list[int]] = {}
+        for b, j, k in in_canvas(self.rows, ci, B, C):
+            groups.setdefault(k, []).append(b * C + j)
+        if not groups:
+            return None
+        bias = torch.full((len(self.sets), V), float("-inf"), device=device)
+        for k, ids in enumerate(self.sets):
+            bias[k, torch.tensor(ids, dtype=torch.long, device=device)] = 0.0
+        return bias, [(torch.tensor(rows, device=device), k) for k, rows in sorted(groups.items())]
 
-    @property
-    def per_row(self) -> bool:
-        return self.generators is not None
 
-    def rows(self, drawing: torch.Tensor, draw, C: int) -> torch.Tensor:
-        """(B, C): draw(row, generator) -> (C,) for the rows that draw, zeros (unused) for the others."""
-        zeros = torch.zeros(C, dtype=torch.long, device=self.device)
-        return torch.stack([draw(b, g) if on else zeros
-                            for b, (g, on) in enumerate(zip(self.generators, drawing.tolist()))])
-
-    def randint(self, high: int, B: int, C: int, drawing: torch.Tensor) -> torch.Tensor:
-        """(B, C) uniformly random token ids in [0, high)."""
-        if not self.per_row:
-            return torch.randint(0, high, (B, C), device=self.device)
-        return self.rows(drawing, lambda b, g: torch.randint(0, high, (1, C), device=self.device, generator=g)[0], C)
-
-    def multinomial(self, probs: torch.Tensor, drawing: torch.Tensor) -> torch.Tensor:
-        """(B, C): one sample per position of probs (B, C, V)."""
-        B, C, V = probs.shape
-        if not self.per_row:
-            return torch.multinomial(probs.view(-1, V), num_samples=1).view(B, C)
-        return self.rows(drawing, lambda b, g: torch.multinomial(probs[b], 1, generator=g)[:, 0], C)
-
-    def keys(self, drawing: torch.Tensor) -> torch.Tensor:
-        """(B,) int64 keys of a counter-based sampler (cuda_kernels.sampler_stats), one per row:
-        from each row's stream, or all from the shared one."""
-        B = len(drawing)
-        if not self.per_row:
-            return torch.randint(0, 2 ** 62, (B,), device=self.device)
-        return self.rows(drawing, lambda b, g: torch.randint(0, 2 ** 62, (1,), device=self.device, generator=g), 1)[:, 0]
+def restrict(raw: torch.Tensor, allowed: tuple) -> torch.Tensor:
+    """raw (B, C, V) with -inf for every token a restricted position may not take, in place: one
+    add of a set's row per restricted position, no (B, C, V) temporary."""
+    bias, groups = allowed
+    flat = raw.view(-1, raw.shape[-1])
+    for rows, k in groups:
+        flat.index_add_(0, rows, bias[k].expand(len(rows), -1))
+    return raw
 
 
 @dataclass
@@ -142,15 +133,18 @@ class DenoiseState:
     rng: RandomStreams
     pinned: torch.Tensor | None = None  # (B, C) bool: positions fixed by the caller (infill, closing tags)
     pinned_tokens: torch.Tensor | None = None  # (B, C) their tokens
+    allowed: tuple | None = None  # Allowed.for_canvas: the sets restricted positions may take
     index: int = 0  # which canvas of the generation this is
     accepted: torch.Tensor | None = None  # (B, C) positions accepted at the last step
     entropy: torch.Tensor | None = None  # (B, C) token entropies at the last step
 
     @classmethod
     def start(cls, batch: int, length: int, vocab_size: int, rng: RandomStreams, steps: int, *,
-              pins: tuple | None = None, index: int = 0, done: torch.Tensor | None = None) -> "DenoiseState":
-        """A fresh canvas of random tokens. pins: (pinned, tokens), both (B, C). done (B,): rows whose
-        sequence has ended; per-row streams leave them out (frozen, drawing nothing)."""
+              pins: tuple | None = None, allowed: tuple | None = None, index: int = 0,
+              done: torch.Tensor | None = None) -> "DenoiseState":
+        """A fresh canvas of random tokens. pins: (pinned, tokens), both (B, C); allowed:
+        Allowed.for_canvas. done (B,): rows whose sequence has ended; per-row streams leave them out
+        (frozen, drawing nothing)."""
         device = rng.device
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         if done is not None and rng.per_row:
@@ -160,7 +154,7 @@ class DenoiseState:
         if pinned is not None:
             canvas = torch.where(pinned, tokens, canvas)
         return cls(canvas=canvas, argmax=canvas, sc_logits=None, finished=finished, history=None, step=steps,
-                   rng=rng, pinned=pinned, pinned_tokens=tokens, index=index)
+                   rng=rng, pinned=pinned, pinned_tokens=tokens, allowed=allowed, index=index)
 
 
 class RequestError(ValueError):
@@ -209,6 +203,8 @@ def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, s: SamplerSettin
     count as certain (entropy 0, always accepted) and keep their token; finished rows keep their
     canvas and argmax (their self-conditioning logits are not kept: nothing reads them)."""
     T = temperature(state.step, s, raw_logits.device)
+    if state.allowed is not None:
+        raw_logits = restrict(raw_logits, state.allowed)
     sampled, argmax, h, logits, noise = stats(raw_logits, T, state)  # 1-2
     if state.pinned is not None:
         h = h.masked_fill(state.pinned, 0.0)
@@ -308,17 +304,23 @@ def denoise_canvas(model, cache: KVCache, state: DenoiseState, s: SamplerSetting
     return state, steps
 
 
+def in_canvas(rows: list[dict], ci: int, B: int, C: int):
+    """(row, position in canvas ci, value) of per-row {offset from the first new token: value}
+    (one map: every row's), for the offsets that fall in canvas ci."""
+    for b, row in enumerate(rows * B if len(rows) == 1 else rows):
+        for offset, v in (row or {}).items():
+            if ci * C <= offset < (ci + 1) * C:
+                yield b, offset - ci * C, v
+
+
 def canvas_pins(pins, ci: int, B: int, C: int, device) -> tuple | None:
     """The (pinned, tokens) pair, both (B, C), of canvas ci from per-row {offset: token}, or None."""
     if not pins or not any(pins):
         return None
     mask = torch.zeros(B, C, dtype=torch.bool, device=device)
     tokens = torch.zeros(B, C, dtype=torch.long, device=device)
-    for b, row in enumerate(pins):
-        for offset, tok in (row or {}).items():
-            if ci * C <= offset < (ci + 1) * C:
-                mask[b, offset - ci * C] = True
-                tokens[b, offset - ci * C] = tok
+    for b, j, tok in in_canvas(pins, ci, B, C):
+        mask[b, j], tokens[b, j] = True, tok
     return (mask, tokens) if mask.any() else None
 
 
@@ -359,13 +361,14 @@ def growing_cache(model, batch: int, capacity: int) -> KVCache:
 
 
 @torch.no_grad()
-def block_diffusion(model, prompts: list[list[int]], settings: GenerationSettings, *, pins=None, seeds=None,
-                    on_step=None, on_canvas=None, denoise=denoise_canvas, new_cache=growing_cache,
+def block_diffusion(model, prompts: list[list[int]], settings: GenerationSettings, *, pins=None, allowed=None,
+                    seeds=None, on_step=None, on_canvas=None, denoise=denoise_canvas, new_cache=growing_cache,
                     cache: KVCache | None = None) -> GenerationResult:
     """Generate continuations of token-id prompts (a batch, left padded).
 
     pins: per row {offset from the first new token: token id}; those positions of the canvases are
-    fixed (infill, templates, closing tags) and never renoised.
+    fixed (infill, templates, closing tags) and never renoised. allowed (Allowed): the token sets
+    positions may take.
     seeds: per row, the seed of its own random stream, or the RandomStreams themselves; None: torch's
     default generator, shared by the batch, as transformers draws.
     on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, new, finished)
@@ -393,6 +396,7 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     for ci in range(settings.canvases(C)):
         model.forward_causal(pending, cache, pending_valid)  # 1. read what the cache lacks
         state = DenoiseState.start(B, C, V, rng, settings.sampler.max_steps, pins=canvas_pins(pins, ci, B, C, device),
+                                   allowed=None if allowed is None else allowed.for_canvas(ci, B, C, V, device),
                                    index=ci, done=finished)  # 2. a random canvas
         step_hook = None if on_step is None else (lambda step, st, ci=ci: on_step(ci, step, st))
         state, steps = denoise(model, cache, state, settings.sampler, step_hook)  # 3.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler import GenerationSettings, SamplerSettings, block_diffusion
+from sampler import Allowed, GenerationSettings, SamplerSettings, block_diffusion
 
 FIRST_CELL_TOKEN = 4  # after <pad> <eos> <bos> <unk>
 BOS = 2
@@ -296,6 +296,13 @@ def generation_settings(shape: Shape) -> GenerationSettings:
 def pins_of(puzzle: list[int], shape: Shape) -> dict[int, int]:
     """{canvas offset: token} of the givens."""
     return {i: FIRST_CELL_TOKEN + i * shape.n + d - 1 for i, d in enumerate(puzzle) if d}
+
+
+def cells_allowed(shape: Shape) -> Allowed:
+    """Each canvas position may take only its own cell's tokens (block_diffusion's allowed=): no
+    sample names a cell where another belongs."""
+    return Allowed([[FIRST_CELL_TOKEN + cell * shape.n + d for d in range(shape.n)] for cell in range(shape.cells)],
+                   [{cell: cell for cell in range(shape.cells)}])
 
 
 @torch.no_grad()

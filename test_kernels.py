@@ -198,6 +198,41 @@ def test_fused_sampler_pass_equals_plain():
 
 
 @gpu
+def test_fused_sampler_pass_takes_a_restriction():
+    """Logits restricted to a token set (-inf elsewhere, sampler.restrict): the fused pass samples
+    and picks only allowed tokens there, its entropy is the plain one over them, nothing is NaN."""
+    from sampler import Allowed, entropy, restrict
+    torch.manual_seed(0)
+    B, C, V = 2, 64, 4096
+    ids = torch.randperm(V)[:37].tolist()
+    allowed = Allowed([ids], [{j: 0 for j in range(0, C, 2)}]).for_canvas(0, B, C, V, "cuda")
+    raw = restrict(torch.randn(B, C, V, device="cuda") * 4, allowed)
+    T = torch.tensor(0.8, device="cuda")
+    sampled, argmax, h, sc, noise = cuda_kernels.sampler_stats(raw, T, keys(B))
+    inside = torch.tensor(ids, device="cuda")
+    assert torch.isin(sampled[:, ::2], inside).all() and torch.isin(argmax[:, ::2], inside).all()
+    assert torch.isfinite(h).all() and torch.equal(argmax, (raw / T).argmax(-1))
+    torch.testing.assert_close(h, entropy(raw / T), atol=1e-4, rtol=1e-4)
+
+
+@gpu
+def test_typed_canvases_on_the_fast_path():
+    """editing.generate_json with the kernels (restricted canvases run eagerly, pinned-only
+    repair canvases in the graph): every output of the first schemas of the suite validates."""
+    import json
+    from generate import choose_fast_path, load
+    from editing import generate_json
+    from structured import validate
+    m, tok = load(HERE / "weights-code", "cuda", torch.bfloat16)
+    fast, _ = choose_fast_path(m, "cuda")
+    suite = json.loads((HERE / "scripts" / "schema_suite.json").read_text())
+    for schema in suite[:12]:
+        for seed in range(3):
+            f = generate_json(m, tok, tok.encode_raw("def f(x):"), schema, seed=seed, **fast)
+            assert validate(json.loads(f.text), schema) is None, (schema, f.text)  # (no jsonschema on every GPU box)
+
+
+@gpu
 def test_fused_samples_follow_softmax():
     """Chi-square against softmax on a few logits (Gumbel-max is exact), and, at the released
     vocabulary, no sample far below its row's maximum (a uniform of exactly 1 once made the Gumbel

@@ -10,9 +10,10 @@ import torch
 from conftest import test_config
 from kvcache import KVCache
 from model import DiffusionGemma, init_weights
-from sampler import (DenoiseState, GenerationSettings, NonFiniteLogits, RandomStreams, SamplerSettings, block_diffusion,
+from sampler import (DenoiseState, GenerationSettings, NonFiniteLogits, SamplerSettings, block_diffusion,
                      denoise_canvas, entropy, entropy_bound_accept, finalize_canvas, logit_stats, sampler_step,
                      temperature, trim)
+from streams import RandomStreams
 
 
 def test_temperature_schedule():

@@ -9,10 +9,8 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,54 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEMPLATES, needs_gemma4
+from conftest import CODE_TEMPLATE, TEMPLATES, Server, needs_gemma4
 
 HERE = Path(__file__).resolve().parent
 openai = pytest.importorskip("openai")
-# a chat format of the code model's own: the bundled tokenizer has none (CI has no Gemma 4 files)
-CODE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-class Server:
-    """serve.py in a subprocess on a free loopback port; its stderr collected line by line."""
-
-    def __init__(self, model, *flags):
-        self.p = subprocess.Popen([sys.executable, str(HERE / "serve.py"), "--model", str(model), "--port", "0",
-                                   "--device", "cpu", *map(str, flags)], cwd=HERE, stderr=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
-        self.lines, first = [], self.p.stderr.readline()
-        assert "serving" in first, first + self.p.stderr.read()
-        self.port = int(first.split("http://127.0.0.1:")[1].split()[0])
-        threading.Thread(target=lambda: self.lines.extend(iter(self.p.stderr.readline, "")), daemon=True).start()
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=kw.pop("api_key", "none"),
-                             max_retries=0, **kw)
-
-    def post(self, path, body, headers=None, raw=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        data = raw if raw is not None else json.dumps(body).encode()
-        c.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
-        r = c.getresponse()
-        out = r.status, dict(r.getheaders()), r.read()
-        c.close()
-        return out[0], out[1], json.loads(out[2]) if out[2] else None
-
-    def get(self, path):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, r.read()
-
-    def stop(self):
-        self.p.send_signal(signal.SIGINT)
-        try:
-            return self.p.wait(timeout=30)
-        finally:
-            self.p.kill()
-
-
 @pytest.fixture(scope="module")
 def code_ckpt(tmp_path_factory):
     d = shutil.copytree(HERE / "weights-code", tmp_path_factory.mktemp("serve") / "code")
