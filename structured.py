@@ -374,21 +374,14 @@ def pattern_hole(pattern: str, path: str, out: Layout, tok, sets: TokenSets) -> 
 
 
 def class_of(atom: str, m) -> object:
-    """The characters an atom of a pattern matches, as a predicate."""
-    if atom == "\\d":
-        return str.isdigit
-    if atom == "\\w":
-        return lambda c: c.isalnum() or c == "_"
-    if atom == "\\s":
-        return lambda c: c == " "
-    if atom == ".":
-        return lambda c: True
+    """The characters an atom of a pattern matches, as a predicate: printable ASCII only, where
+    every regex dialect agrees (Python's \\d also takes '٣', ECMAScript's does not)."""
     if m.group(2) is not None:  # [...]
-        negate, inside = m.group(1) == "^", m.group(2)
-        rx = re.compile(f"[{'^' if negate else ''}{inside}]")
-        return lambda c: bool(rx.fullmatch(c))
-    literal = m.group(3) or m.group(4)
-    return lambda c: c == literal
+        rx = re.compile(f"[{'^' if m.group(1) == '^' else ''}{m.group(2)}]")
+    else:
+        literal = re.escape(m.group(3) or m.group(4) or "")
+        rx = re.compile("[ ]" if atom == "\\s" else atom if atom in ("\\d", "\\w", ".") else literal)
+    return lambda c: " " <= c <= "~" and bool(rx.fullmatch(c))
 
 
 def check_schema(schema, path: str = "$") -> None:

@@ -11,7 +11,7 @@ from cudagraph import GraphedDenoiser, StaticKVCache
 from kvcache import KVCache
 from model import DiffusionGemma, init_weights
 from moe import Experts, expert_mlp
-from sampler import GenerationSettings, SamplerSettings, block_diffusion, entropy
+from sampler import Allowed, GenerationSettings, SamplerSettings, block_diffusion, entropy
 
 
 class DenseExperts(Experts):
@@ -76,6 +76,24 @@ def test_graphs_equal_the_same_steps_run_eagerly(confidence, seeds):
     assert len(seen_e) == len(seen_g) and all(a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(seen_e, seen_g))
     assert graph.canvases == 3 and len(calls) == 2  # the first step and the later steps, for all canvases
     assert graph.sequences[0, 5 + 1] == 13 and graph.sequences[0, 5 + 17] == 5
+
+
+def test_restricted_canvases_run_the_keyed_steps_eagerly():
+    """A canvas with positions restricted to token sets (sampler.Allowed) on the fast path: the
+    keyed sampler pass sees the restricted logits (every restricted token is in its set), that canvas
+    runs eagerly, the others in the graphs, and the tokens are those of the fast path run eagerly."""
+    model = model_without_host_sync(2)
+    s = GenerationSettings(max_new_tokens=24, sampler=SamplerSettings(max_steps=4, entropy_bound=5.0))
+    sets = [[20, 21, 22], [100, 101]]
+    allowed = Allowed(sets, [{9: 0, 10: 0, 15: 1}, {8: 1}])  # canvas 2 of 3 (C = 8)
+    calls, out = [], {}
+    for name, denoise in (("eager", GraphedDenoiser(keyed_stats, use_graph=False)),
+                          ("graph", GraphedDenoiser(keyed_stats, capture=eager_capture(calls)))):
+        out[name] = block_diffusion(model, [[2, 17, 42], [2, 11, 5]], s, seeds=[1, 2], allowed=allowed, denoise=denoise,
+                                    new_cache=denoise.new_cache)
+    assert torch.equal(out["eager"].sequences, out["graph"].sequences) and len(calls) == 2
+    new = out["graph"].sequences[:, 3:]
+    assert new[0, 9] in sets[0] and new[0, 10] in sets[0] and new[0, 15] in sets[1] and new[1, 8] in sets[1]
 
 
 def test_graphs_refuse_a_moe_that_waits_for_the_host():

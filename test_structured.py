@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import string
 import subprocess
 import sys
 
@@ -169,6 +170,20 @@ def test_sudoku_cells_take_only_their_own_tokens():
 # ---------------------------------------------------------------------------------------------
 # Schemas as canvases
 # ---------------------------------------------------------------------------------------------
+
+@needs_gemma4
+def test_pattern_classes_take_ascii_only():
+    """Python's \\d matches every decimal digit and str.isdigit even '²': a pattern's positions take
+    printable ASCII only, so every filling matches in any regex dialect."""
+    tok = tokenizer_of("gemma4")
+    sets = token_sets(tok, tok.vocab_size)
+    lay = build({"type": "string", "pattern": "^\\d\\w[^a-z].[x-z]\\.$"}, tok, sets)
+    allowed = [{sets.texts[i] for i in lay.sets[k]} for k in lay.holes[0].sets]
+    assert allowed[0] == set("0123456789") and allowed[1] == set(string.ascii_letters + string.digits + "_")
+    assert all(c.isascii() and c.isprintable() for s in allowed for c in s)
+    assert "a" not in allowed[2] and "A" in allowed[2] and allowed[4] == set("xyz") and allowed[5] == {"."}
+    assert any("\u0663" == t for t in sets.texts) and any(t == "\u00b2" for t in sets.texts)  # the vocab has them
+
 
 def test_layout_pins_the_skeleton_and_types_the_holes(code):
     _, tok = code
