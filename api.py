@@ -18,6 +18,7 @@ import uuid
 from batcher import Batcher, Request
 from editing import FILL, Canvas, parse_infill, parse_pin, parse_template
 from hfconfig import CheckpointError
+from images import ImageError, read_image
 from sampler import RequestError, check_context
 
 
@@ -113,19 +114,46 @@ class Api:
         kwargs = field(body, "chat_template_kwargs", dict, {})
         thinking = bool(field(body, "thinking", bool, False) or kwargs.get("enable_thinking")
                         or body.get("reasoning_effort") not in (None, "none"))
+        messages, pictures = images_of(field(body, "messages", list, []))
+        settings = self.image_settings() if pictures else None
         try:
-            ids = self.tok.apply_chat_template(field(body, "messages", list, []), thinking=thinking, tools=tools)
+            ids = self.tok.apply_chat_template(messages, thinking=thinking, tools=tools)
         except (RequestError, CheckpointError) as e:
             raise ApiError(400, str(e), "messages") from None
+        patches, ids = self.place(pictures, ids, settings) if pictures else (None, ids)
         max_tokens = self.budget(body, "max_completion_tokens", "max_tokens",
                                  default=self.model.generation_settings.max_new_tokens)
         req = self.request(body, ids, max_tokens)
+        if patches:  # the same token ids may stand for other images: never from or into the prefix cache
+            if body.get("response_format") is not None:
+                raise ApiError(400, "response_format does not take images yet", "response_format")
+            req.images, req.cache_prompt = patches, False
         how = {"kind": "chat", "stops": stops_of(body), "thinking": thinking, "max": req.settings.max_new_tokens,
                "id": "chatcmpl-" + uuid.uuid4().hex[:24]}
         if tools and body.get("response_format") is not None:
             raise ApiError(400, "response_format does not go with tools: the schema lays out the whole answer",
                            "response_format")
         return req, self.with_schema(body, req, how)
+
+    def image_settings(self):
+        """The checkpoint's image settings; a 400 when it has no vision tower."""
+        from checkpoint import vision_config
+        from images import image_settings
+        path = getattr(self.model, "checkpoint_dir", None)
+        try:
+            vision_config(path, self.model.config)
+            return image_settings(path, self.model.config.passthrough)
+        except CheckpointError as e:
+            raise ApiError(400, f"this model cannot take images: {e}", "messages") from None
+
+    def place(self, pictures: list, ids: list[int], s) -> tuple[list, list[int]]:
+        """The images' patches, and ids with each image token expanded to the image's soft tokens."""
+        from images import image_patches, place_images
+        patches = [image_patches(p, s) for p in pictures]
+        try:
+            return patches, place_images(ids, [p.n_soft for p in patches], s)
+        except ImageError as e:
+            raise ApiError(400, f"{e} (the chat template placed them)", "messages") from None
 
     def with_schema(self, body: dict, req: Request, how: dict) -> dict:
         """With a response_format that asks for JSON, the request becomes a job (json_job)."""
@@ -268,6 +296,44 @@ class Api:
                 "diffusion": {"seed": req.seed, "canvases": done["canvases"], "steps": done["steps"],
                               "rows_in_batch": done.get("rows_in_batch", 1),
                               **({"repair_rounds": done["repair_rounds"]} if "repair_rounds" in done else {})}}
+
+
+def images_of(messages) -> tuple[list, list]:
+    """messages with their image parts as chat templates take them ({"type": "image"}), and the
+    images (PIL, RGB) in order. An image part is OpenAI's {"type": "image_url", "image_url": {"url":
+    "data:image/...;base64,..."}} (this server reads no URL off the network)."""
+    import base64
+    import binascii
+    import io
+    if not isinstance(messages, list):
+        return messages, []
+    out, pictures = [], []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict) or part.get("type") not in ("image_url", "image"):
+                parts.append(part)
+                continue
+            spec = part.get("image_url")
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+                raise ApiError(400, f"{where}.image_url.url must be a data: URL (data:image/png;base64,...): "
+                               "this server reads no URL off the network", f"{where}.image_url")
+            try:
+                data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+                pictures.append(read_image(io.BytesIO(data), name=f"the image of {where}"))
+            except (binascii.Error, ValueError):
+                raise ApiError(400, f"{where}.image_url.url is not valid base64", f"{where}.image_url") from None
+            except ImageError as e:
+                raise ApiError(400, str(e), f"{where}.image_url") from None
+            parts.append({"type": "image"})
+        out.append({**m, "content": parts})
+    return out, pictures
 
 
 def tool_calls(calls: list[dict]) -> list[dict]:

@@ -90,11 +90,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Masks (True = may attend)
 # ---------------------------------------------------------------------------------------------
 
-def causal_mask(cache: KVCache, layer_idx: int, n_new: int, sliding_window: int | None, device) -> torch.Tensor:
+def causal_mask(cache: KVCache, layer_idx: int, n_new: int, sliding_window: int | None, device,
+                blocks: torch.Tensor | None = None) -> torch.Tensor:
     """(B or 1, 1, S, T) mask for a causal pass of n_new tokens appended at position cache.length.
 
     Keys are the tokens this layer still holds plus the new ones. A query at position q sees key
     position p iff p <= q, and on sliding layers also p > q - sliding_window; padding is hidden.
+    blocks (B, S): an image's tokens share a block number (>= 0, text -1) and see each other
+    whatever their order or distance (transformers' use_bidirectional_attention="vision").
     """
     first = cache.first_cached_position(layer_idx)
     q_pos = torch.arange(cache.length, cache.length + n_new, device=device)  # (S,)
@@ -103,6 +106,9 @@ def causal_mask(cache: KVCache, layer_idx: int, n_new: int, sliding_window: int 
     if sliding_window is not None:
         mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
     mask = mask[None, None]  # (1, 1, S, T)
+    if blocks is not None:  # the cached keys are text (-1): an image is read in one pass
+        k_blocks = F.pad(blocks, (len(k_pos) - n_new, 0), value=-1)  # (B, T)
+        mask = mask | ((blocks[:, :, None] == k_blocks[:, None, :]) & (blocks[:, :, None] >= 0))[:, None]
     if cache.valid is not None:
         mask = mask & cache.valid[:, None, None, first: cache.length + n_new]  # (B, 1, S, T)
     return mask

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from images import embed_images
 from kvcache import KVCache
 from sampler import GenerationSettings, NonFiniteLogits, RequestError, block_diffusion, trim
 
@@ -48,6 +49,7 @@ class Request:
     canvas_events: bool = False  # an event after every denoising step
     cache_prompt: bool = True  # may read from and write to the prefix cache
     job: object = None  # instead of one generation: job(**fast paths) -> the "done" payload, run alone
+    images: list | None = None  # the prompt's images (images.Patches), in the order of its image tokens
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens_cached: int = 0  # prompt tokens the prefix cache already held
@@ -210,6 +212,7 @@ class Batcher:
         if batch[0].job is not None:
             return self.run_job(batch[0])
         rows = [(r, i) for r in batch for i in range(r.n)]
+        soft = {id(r): embed_images(self.model, r.images) for r in batch if r.images}  # the vision tower's work
         settings = batch[0].settings.copy(max_new_tokens=max(r.settings.max_new_tokens for r in batch))
         now = time.perf_counter()
         for r in batch:
@@ -244,7 +247,7 @@ class Batcher:
         fast = {k: v for k, v in self.fast.items() if not (alone and k == "new_cache")}  # a given cache grows
         result = block_diffusion(self.model, prompts, settings, pins=[r.pins or {} for r, _ in rows],
                                  seeds=[r.seed + i for r, i in rows], on_step=on_step, on_canvas=on_canvas,
-                                 cache=cache, **fast)
+                                 images=[soft.get(id(r)) for r, _ in rows] if soft else None, cache=cache, **fast)
         if alone:
             self.prefixes.put(batch[0].prompt, cache)
         for r in batch:

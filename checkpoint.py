@@ -4,7 +4,8 @@ The layout is the one transformers 5.17.0 reads and writes for `google/diffusion
 (DiffusionGemmaForBlockDiffusion.save_pretrained): config.json with a nested text_config,
 generation_config.json, safetensors shards with model.safetensors.index.json. The text stack is
 stored once, under `model.decoder.*`; transformers ties the encoder and lm_head to it, so only the
-30 encoder `layer_scalar` buffers are stored again, and the vision tower is skipped here.
+30 encoder `layer_scalar` buffers are stored again. The vision tower (`model.encoder.vision_tower.*`,
+`model.encoder.embed_vision.*`) is read only when an image is given (load_vision).
 
 Every problem with a checkpoint is a CheckpointError whose message names the file and what to do
 (hfconfig.py reads and checks the two JSON files); a device that cannot be used is a DeviceError,
@@ -17,6 +18,7 @@ never blamed on the files.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -28,9 +30,11 @@ import torch
 from hfconfig import CheckpointError, config_to_hf, generation_config_to_hf, read_config, read_json
 from model import DiffusionGemma, DiffusionGemmaConfig
 from quant import convert_for_runtime
+from vision import Vision, VisionConfig
 
 PREFIX = "model.decoder."  # where the checkpoint keeps the shared text stack
 ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"  # untied buffer copies
+VISION_PREFIX = "model.encoder."  # + vision_tower.* and embed_vision.*: the tensor names of vision.Vision
 
 # ---------------------------------------------------------------------------------------------
 # Locating a checkpoint
@@ -184,14 +188,12 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
                sharding=None) -> DiffusionGemma:
     """Build the model from a checkpoint, tensor by tensor, straight onto `device` in `dtype`.
 
-    Only the text stack under `model.decoder.*` is read (the encoder copies are tied to it, the vision
-    tower is skipped). Peak host memory stays near one tensor: each is opened from its shard and
+    Only the text stack under `model.decoder.*` is read (the encoder copies are tied to it; the vision
+    tower is load_vision's). Peak host memory stays near one tensor: each is opened from its shard and
     moved to the device before the next is read. sharding (distributed.Sharding) reshapes the network
     for one rank first (sharding.prepare(net)) and then reads only that rank's slice of each tensor
     (sharding.read(name, safe_slice) -> tensor, or None for a tensor every rank holds whole).
     """
-    from safetensors import safe_open
-
     path = resolve_checkpoint(model)
     config = read_config(path)
     dtype = dtype or config.torch_dtype()
@@ -199,15 +201,22 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
     net = build_on_meta(config, dtype)
     if sharding is not None:
         sharding.prepare(net)
+    read_into(net, path, PREFIX, dtype, device, sharding)
+    return net.eval().requires_grad_(False)
+
+
+def read_into(net: torch.nn.Module, path: Path, prefix: str, dtype, device, sharding=None) -> None:
+    """Every tensor of net's (meta) state dict from the checkpoint, named prefix + its key, shard by shard."""
+    from safetensors import safe_open
     wmap = weight_map(path)
     expected = {name: t for name, t in net.state_dict().items()}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
-        if PREFIX + name not in wmap:
+        if prefix + name not in wmap:
             where = next(iter(wmap.values())).name if len(set(wmap.values())) == 1 else "the shards"
-            raise CheckpointError(f"tensor {PREFIX + name} is missing from {where} in {path}; "
+            raise CheckpointError(f"tensor {prefix + name} is missing from {where} in {path}; "
                                   "the checkpoint is incomplete or not DiffusionGemma; download it again")
-        by_file.setdefault(wmap[PREFIX + name], []).append(name)
+        by_file.setdefault(wmap[prefix + name], []).append(name)
     state = {}
     for file, names in by_file.items():
         try:
@@ -216,38 +225,69 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
             raise unreadable(file, e) from None
         with f:
             for name in names:
-                state[name] = read_tensor(f, file, name, expected[name], dtype, device, sharding=sharding)
+                state[name] = read_tensor(f, file, name, expected[name], dtype, device, sharding=sharding, prefix=prefix)
     net.load_state_dict(state, assign=True, strict=True)
-    return net.eval().requires_grad_(False)
 
 
-def read_tensor(f, file: Path, name: str, want: torch.Tensor, dtype, device, *, sharding=None) -> torch.Tensor:
+def read_tensor(f, file: Path, name: str, want: torch.Tensor, dtype, device, *, sharding=None,
+                prefix: str = PREFIX) -> torch.Tensor:
     """One tensor (or this rank's slice of it), checked against the network's meta tensor: what goes
     wrong reading it is the file's fault, what goes wrong moving it is the device's."""
+    full_name = prefix + name
     try:
-        sl = f.get_slice(PREFIX + name)
+        sl = f.get_slice(full_name)
         full = tuple(sl.get_shape())
         t = sharding.read(name, sl) if sharding is not None else None
         if t is None and full == tuple(want.shape):
-            t = f.get_tensor(PREFIX + name)
+            t = f.get_tensor(full_name)
     except Exception as e:
         raise unreadable(file, e) from None
     if t is None:
-        raise CheckpointError(f"tensor {PREFIX + name} in {file} has shape {list(full)}, "
+        raise CheckpointError(f"tensor {full_name} in {file} has shape {list(full)}, "
                               f"expected {list(want.shape)} from config.json; download it again")
     if tuple(t.shape) != tuple(want.shape):
-        raise CheckpointError(f"tensor {PREFIX + name} in {file} has shape {list(full)}, which does not split into "
+        raise CheckpointError(f"tensor {full_name} in {file} has shape {list(full)}, which does not split into "
                               f"this rank's {list(want.shape)}; download it again")
     if want.is_floating_point() != t.is_floating_point() or (not want.is_floating_point() and want.dtype != t.dtype):
-        raise CheckpointError(f"tensor {PREFIX + name} in {file} is {t.dtype}, expected "
+        raise CheckpointError(f"tensor {full_name} in {file} is {t.dtype}, expected "
                               f"{'a floating-point type' if want.is_floating_point() else want.dtype}; "
                               "download it again")
     if want.is_floating_point():
         t = t.to(want.dtype if name.endswith("_scale") else dtype)
     t = to_device(t, device)
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise CheckpointError(f"tensor {PREFIX + name} in {file} holds NaN or infinite values; download it again")
+        raise CheckpointError(f"tensor {full_name} in {file} holds NaN or infinite values; download it again")
     return t
+
+
+def vision_config(path: Path, config: DiffusionGemmaConfig) -> VisionConfig:
+    """The checkpoint's vision tower config; a CheckpointError when it has no tower (the tensors
+    decide: a text-only checkpoint written here names the smallest tower but stores none)."""
+    d = config.passthrough.get("vision_config")
+    if not d or not any(k.startswith(VISION_PREFIX + "vision_tower.") for k in weight_map(path)):
+        raise CheckpointError(f"{path} has no vision tower (no {VISION_PREFIX}vision_tower.* tensors), so it cannot "
+                              "take images: use a checkpoint that has one, such as google/diffusiongemma-26B-A4B-it")
+    if config.image_token_id is None or not 0 <= config.image_token_id < config.vocab_size:
+        raise CheckpointError(f"{path}/config.json: image_token_id {config.image_token_id} is not one of the model's "
+                              f"{config.vocab_size} tokens, so it cannot take images")
+    try:
+        return VisionConfig.from_hf(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json: vision_config: {e}; this tower is not supported") from None
+
+
+def load_vision(model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Vision:
+    """The vision tower and its embedder (`model.encoder.vision_tower.*`, `model.encoder.embed_vision.*`),
+    read only when an image is given; whole on every rank under torchrun (0.55B parameters)."""
+    path = resolve_checkpoint(model)
+    config = read_config(path)
+    vc = vision_config(path, config)
+    dtype = dtype or config.torch_dtype()
+    device = open_device(device)
+    with torch.device("meta"):
+        net = Vision(vc, config.hidden_size).to(dtype)
+    read_into(net, path, VISION_PREFIX, dtype, device)
+    return net.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,25 +359,32 @@ class ShardWriter:
             indent=2) + "\n")
 
 
-def checkpoint_tensors(net: DiffusionGemma) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores for net, under their checkpoint names."""
+def checkpoint_tensors(net: DiffusionGemma, vision: Vision | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for net (and a vision tower), under their checkpoint names."""
     tensors = {PREFIX + k: v for k, v in net.state_dict().items()}
     for i, layer in enumerate(net.layers):
         tensors[ENCODER_SCALAR.format(i)] = layer.layer_scalar.detach().clone()
+    if vision is not None:
+        tensors.update({VISION_PREFIX + k: v for k, v in vision.state_dict().items()})
     return tensors
 
 
 def save_checkpoint(net: DiffusionGemma, out_dir: str | Path, max_shard_bytes: int = 16 * 2 ** 20,
-                    generation=None, extra_files: list[Path] = (), force: bool = False) -> None:
+                    generation=None, extra_files: list[Path] = (), force: bool = False, *,
+                    vision: Vision | None = None) -> None:
     """Write a checkpoint directory (config.json, safetensors, the generation_config.json of
     `generation` (sampler.GenerationSettings) if given, copies of extra_files) in the layout
-    transformers reads and writes, atomically (staged_directory)."""
+    transformers reads and writes, atomically (staged_directory). vision: a tower to store with it
+    (net.config must then name its image tokens: image_token_id, and boi/eoi in passthrough)."""
+    hf = config_to_hf(net.config)
+    if vision is not None:
+        hf["vision_config"] = {"model_type": "gemma4_vision", **dataclasses.asdict(vision.config)}
     with staged_directory(out_dir, force) as tmp:
         shards = ShardWriter(tmp, max_shard_bytes)
-        for name, t in checkpoint_tensors(net).items():
+        for name, t in checkpoint_tensors(net, vision).items():
             shards.add(name, t)
         shards.close()
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(net.config), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if generation is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config_to_hf(generation), indent=2) + "\n")
         for f in extra_files:

@@ -2,8 +2,8 @@
 tokenizers.
 
 The checkpoints have every feature of the released model (sliding and full layers, K = V and
-proportional RoPE on the full layers, dense MLP + MoE, self-conditioning, a vision tower that the
-loader must skip) at the sizes of TEST_CONFIGS["test-*"], which run in milliseconds on a CPU.
+proportional RoPE on the full layers, dense MLP + MoE, self-conditioning, a stand-in vision tower
+that text-only runs never read; vision_ckpt a real one) at the sizes of TEST_CONFIGS["test-*"], which run in milliseconds on a CPU.
 """
 
 import http.client
@@ -61,6 +61,20 @@ TEST_CONFIGS = {
 }
 
 
+# a vision tower of odd sizes (the released one: 27 layers, 1152 wide, 16 heads of 72, patch 16), and
+# its image processor settings (the released: 280 soft tokens of 3x3 patches of 16 pixels)
+TEST_VISION = dict(hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=12, patch_size=4, pooling_kernel_size=3,
+                   position_embedding_size=256, standardize=True)
+TEST_PROCESSOR = dict(patch_size=4, pooling_kernel_size=3, max_soft_tokens=70)
+IMAGE_TOKENS = {"<|image>": 300, "<|image|>": 301, "<image|>": 302}  # added after the tiny tokenizer's 300
+# a chat format that takes images (content parts), as the released template writes them
+IMAGE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+                  "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>{% else %}"
+                  "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def test_config(name: str, **overrides) -> DiffusionGemmaConfig:
     """One of TEST_CONFIGS, with fields overridden."""
     return DiffusionGemmaConfig(**{**TEST_CONFIGS[name], **overrides})
@@ -69,13 +83,16 @@ def test_config(name: str, **overrides) -> DiffusionGemmaConfig:
 test_config.__test__ = False  # a helper, not a test
 
 
-def build_hf_model(name: str, seed: int = 0):
+def build_hf_model(name: str, seed: int = 0, vision: bool = False):
     """A transformers DiffusionGemmaForBlockDiffusion of TEST_CONFIGS[name] with random weights, every
-    norm and scalar perturbed too so that a mix-up of any two of them shows."""
+    norm and scalar perturbed too so that a mix-up of any two of them shows. vision: a tower of
+    TEST_VISION's sizes (else the smallest one, which the text never uses), image tokens IMAGE_TOKENS."""
     from transformers import DiffusionGemmaConfig as HFConfig, DiffusionGemmaForBlockDiffusion
     ours = test_config(name)
-    cfg = HFConfig(vision_config=dict(MINIMAL_VISION_CONFIG), eos_token_id=list(RELEASED_EOS),
-                   canvas_length=ours.canvas_length, text_config=config_to_hf(ours)["text_config"])
+    images = dict(boi_token_id=IMAGE_TOKENS["<|image>"], image_token_id=IMAGE_TOKENS["<|image|>"],
+                  eoi_token_id=IMAGE_TOKENS["<image|>"]) if vision else {}
+    cfg = HFConfig(vision_config=dict(TEST_VISION if vision else MINIMAL_VISION_CONFIG), eos_token_id=list(RELEASED_EOS),
+                   canvas_length=ours.canvas_length, text_config=config_to_hf(ours)["text_config"], **images)
     torch.manual_seed(seed)
     hf = DiffusionGemmaForBlockDiffusion(cfg).float().eval()
     with torch.no_grad():
@@ -84,15 +101,32 @@ def build_hf_model(name: str, seed: int = 0):
         for i, layer in enumerate(hf.model.decoder.layers):  # the two copies are equal, as released
             layer.layer_scalar.uniform_(0.7, 1.3)
             hf.model.encoder.language_model.layers[i].layer_scalar.copy_(layer.layer_scalar)
+        if vision:  # positions that differ by place, and a standardisation that does something
+            tower = hf.model.encoder.vision_tower
+            tower.patch_embedder.position_embedding_table.normal_(0, 0.5)
+            tower.patch_embedder.input_proj.weight.normal_(0, 0.1)
+            tower.std_bias.normal_(0, 0.5)
+            tower.std_scale.uniform_(0.5, 1.5)
     return hf
 
 
-def write_hf_checkpoint(name: str, path: Path, seed: int = 0):
-    """Save build_hf_model(name) with transformers; return transformers' model read back from it."""
-    hf = build_hf_model(name, seed)
+def write_hf_checkpoint(name: str, path: Path, seed: int = 0, vision: bool = False):
+    """Save build_hf_model(name) with transformers; return transformers' model read back from it.
+    vision: with the tower, transformers' image processor settings and a tokenizer that knows the
+    image tokens."""
+    hf = build_hf_model(name, seed, vision)
     hf.save_pretrained(path)
     (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     tiny_tokenizer_json(path, 300)  # every checkpoint a user downloads has one
+    if vision:
+        from tokenizers import AddedToken, Tokenizer
+        from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+        Gemma4ImageProcessorPil(**TEST_PROCESSOR).save_pretrained(path)
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
+        assert [tok.token_to_id(t) for t in IMAGE_TOKENS] == list(IMAGE_TOKENS.values())
+        tok.save(str(path / "tokenizer.json"))
+        (path / "chat_template.jinja").write_text(IMAGE_TEMPLATE)
     # the reference reads the very files we read (generation_config.json included)
     return type(hf).from_pretrained(path, dtype=torch.float32).eval()
 
@@ -121,6 +155,14 @@ def ckpt_b(tmp_path_factory):
 def ckpt_c(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt_c")
     return path, write_hf_checkpoint("test-c", path, seed=4)
+
+
+@pytest.fixture(scope="session")
+def vision_ckpt(tmp_path_factory):
+    """test-b with a vision tower of TEST_VISION's sizes, as transformers writes it."""
+    pytest.importorskip("PIL")
+    path = tmp_path_factory.mktemp("ckpt_vision")
+    return path, write_hf_checkpoint("test-b", path, seed=6, vision=True)
 
 
 @pytest.fixture(scope="session")

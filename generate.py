@@ -10,6 +10,7 @@ as transformers 5.17.0's DiffusionGemmaForBlockDiffusion.generate.
 
     python generate.py                          # the bundled model solves a Sudoku puzzle
     python generate.py --model weights-code --max-new-tokens 32 "def fibonacci(n):"
+    python generate.py --model google/diffusiongemma-26B-A4B-it --image cat.jpg "What is on the table?"
 
     from generate import load, generate
     model, tokenizer = load("weights-code")
@@ -29,6 +30,7 @@ from checkpoint import DeviceError, load_model, open_device, resolve_checkpoint
 from cuda_kernels import KernelBuildError
 from editing import FILL, fill, parse_infill, parse_template
 from hfconfig import CheckpointError, read_config, read_generation_config
+from images import ImageError, checkpoint_of, embed_images, image_prompt, image_settings
 from job import Job, print_prompt, read_job
 from sampler import (GenerationSettings, NonFiniteLogits, RequestError, check_context, denoise_canvas, growing_cache,
                      run_batches)
@@ -62,6 +64,7 @@ def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype
     tok = load_tokenizer(path, tokenizer, config.vocab_size)  # before the weights: fail fast
     net = load_model(path, device or default_device(), dtype, sharding)
     net.generation_settings = read_generation_config(path, net.config.eos_token_id)
+    net.checkpoint_dir = path  # where embed_images finds the vision tower, if one is ever needed
     return net, tok
 
 
@@ -84,23 +87,40 @@ def default_batch_size(model, n_prompts: int) -> int:
 def generate(model, tokenizer: Tokenizer, prompt: str | list[str], *, max_new_tokens: int | None = None,
              steps: int | None = None, entropy_bound: float | None = None, seed: int | None = None,
              raw: bool = False, thinking: bool = False, system: str | None = None,
-             batch_size: int | None = None, return_thought: bool = False, json_schema: dict | None = None):
+             batch_size: int | None = None, return_thought: bool = False, json_schema: dict | None = None,
+             images: list | None = None):
     """Text for one prompt, or a list of texts for a list of prompts (in batches of batch_size).
     json_schema: the text is JSON that satisfies it (editing.generate_json, one prompt at a time).
+    images: image files or PIL images shown before the prompt (a list of them per prompt for a list
+    of prompts); a raw prompt writes <|image|> where each goes. ImageError for one that cannot be read.
     seed: every prompt draws from its own stream seeded with it (its text does not depend on the
     batch); None: torch's default generator, shared by the batch. The thought of a thinking model
     is left out of the text; return_thought: (answer, thought)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     settings = settings_for(model, max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound)
-    ids = [encode_prompt(tokenizer, p, model.config, settings.max_new_tokens, raw=raw, thinking=thinking, system=system)
-           for p in prompts]
+    per_prompt = None if images is None else [images] if isinstance(prompt, str) else list(images)
+    if per_prompt is not None and (len(per_prompt) != len(prompts) or json_schema is not None):
+        raise RequestError("images: one list of images per prompt" if json_schema is None else
+                           "json_schema does not take images")
+    if per_prompt is None:
+        ids = [encode_prompt(tokenizer, p, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
+                             system=system) for p in prompts]
+        soft = None
+    else:
+        s = image_settings(checkpoint_of(model), model.config.passthrough) if any(per_prompt) else None
+        pairs = [image_prompt(tokenizer, p, ims, s, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
+                              system=system) if ims else
+                 (encode_prompt(tokenizer, p, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
+                                system=system), []) for p, ims in zip(prompts, per_prompt)]
+        ids, soft = [i for i, _ in pairs], [embed_images(model, ps) if ps else None for _, ps in pairs]
     if json_schema is not None:
         from editing import generate_json
         out = [generate_json(model, tokenizer, p, json_schema, settings, seed=seed or 0).text.rstrip() for p in ids]
         return out[0] if isinstance(prompt, str) else out
     seeds = None if seed is None else [seed] * len(ids)
     out = []
-    for result in run_batches(model, ids, settings, batch_size or default_batch_size(model, len(ids)), seeds=seeds):
+    for result in run_batches(model, ids, settings, batch_size or default_batch_size(model, len(ids)), seeds=seeds,
+                              images=soft):
         for tokens in result.tokens:
             split = tokenizer.split_thought(tokens)
             answer = tokenizer.decode(split.answer)
@@ -172,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the output is a JSON object (any)")
     p.add_argument("--samples", type=positive(int), help="best-of-N: N samples of the same input, in one batch")
     p.add_argument("--accept", metavar="CMD", help="shell command given each sample on stdin; exit 0 accepts it")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image shown before the prompt (repeatable; with --raw, <|image|> marks where each goes)")
     p.add_argument("--raw", action="store_true", help="the prompt as written, without the chat format")
     p.add_argument("--system", help="a system prompt (a checkpoint with a chat format)")
     p.add_argument("--thinking", action="store_true", help="let the model think first; the thought goes to stderr")
@@ -188,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> int:
+def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict, soft: torch.Tensor | None = None) -> int:
     """Generate what the job asks: one text (streamed canvas by canvas), a batch file (printed in
-    order, batch by batch), or samples of one input (all of them, or the first that job.check takes)."""
+    order, batch by batch), or samples of one input (all of them, or the first that job.check takes).
+    soft: the embeddings of the prompt's images (embed_images), for every sample."""
     s, C, n = job.settings, model.config.canvas_length, len(job.ids) * job.samples
     stream = n == 1 and job.check is None
     view = CanvasView(job.render, s.sampler.max_steps, job.labels[0] if n > 1 else "") if display.show_canvas else None
@@ -226,7 +249,8 @@ def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> in
     try:
         size = distributed.agree_min(size) if distributed.launched() else size
         results = run_batches(model, job.ids * job.samples, s, size, pins=None if job.pins is None else [job.pins] * n,
-                              seeds=seeds, allowed=job.allowed, on_batch=on_batch, on_canvas=on_canvas,
+                              seeds=seeds, allowed=job.allowed, images=None if soft is None else [soft] * n,
+                              on_batch=on_batch, on_canvas=on_canvas,
                               on_step=progress.on_step, **fast)
     except (KeyboardInterrupt, NonFiniteLogits) as e:
         return stopped(e, progress, show if n > 1 else (lambda row, t: None), printed[0], n == 1)
@@ -283,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
     name, path = args.model or "weights", resolve_checkpoint(args.model or DEFAULT_MODEL_DIR)
     config = read_config(path)
     tok = load_tokenizer(path, args.tokenizer, config.vocab_size)
-    job = read_job(args, tok, config, read_generation_config(path, config.eos_token_id), name)
+    job = read_job(args, tok, config, read_generation_config(path, config.eos_token_id), name, path)
     job.batch_size = args.batch_size
     if args.print_prompt:
         return print_prompt(job, tok)
@@ -299,6 +323,7 @@ def main(args: argparse.Namespace) -> int:
                 quiet, sys.stdout = True, open(os.devnull, "w")
         else:
             model, _ = load(path, device, dtype, args.tokenizer)
+        soft = None if not job.images else embed_images(model, job.images)  # the vision tower: only now
     except torch.OutOfMemoryError as e:
         raise DeviceError(out_of_memory_line(device, e, loading=True)) from None
     # no graph under torchrun: the experts of a rank pick their tokens with a host-side nonzero
@@ -308,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     if job.mode == "json":
         return run_json(model, tok, job, display, fast)
     if job.mode != "chat":
-        return run_job(model, tok, job, display, fast)
+        return run_job(model, tok, job, display, fast, soft)
     from chat import chat_loop
     torch.manual_seed(args.seed)  # a conversation draws from the shared stream
     return chat_loop(model, tok, job.settings, display, system=args.system, thinking=args.thinking,
@@ -320,7 +345,7 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad flags: one line, exit 2
     try:
         return main(args)
-    except (UsageError, RequestError) as e:
+    except (UsageError, RequestError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, DeviceError, KernelBuildError, NonFiniteLogits) as e:

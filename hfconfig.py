@@ -66,6 +66,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> DiffusionGemmaConfig:
     kw["dtype"] = str(d.get("dtype") or t.get("dtype") or d.get("torch_dtype") or "bfloat16")
     kw["passthrough"] = {k: d[k] for k in PASSTHROUGH if d.get(k) is not None}
     kw["quantization"] = block
+    kw["bidirectional_images"] = t.get("use_bidirectional_attention") == "vision"
+    kw["image_token_id"] = d.get("image_token_id")
     # full layers: transformers 5.17 reads `per_layer_config` when present (written since 5.17, even
     # empty); else global_head_dim (absent: 512) and num_global_key_value_heads (absent: the sliding
     # layers' count); it writes null for both when the full layers use the sliding layers' sizes
@@ -122,7 +124,7 @@ def config_to_hf(cfg: DiffusionGemmaConfig) -> dict:
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "use_bidirectional_attention": "vision",
+        "use_bidirectional_attention": "vision" if cfg.bidirectional_images else None,
         "tie_word_embeddings": True,
         "dtype": cfg.dtype,
     }
@@ -140,6 +142,7 @@ def config_to_hf(cfg: DiffusionGemmaConfig) -> dict:
         "dtype": cfg.dtype,
         "text_config": text,
         "vision_config": MINIMAL_VISION_CONFIG,
+        **({"image_token_id": cfg.image_token_id} if cfg.image_token_id is not None else {}),
         **cfg.passthrough,
         **({"quantization": cfg.quantization} if cfg.quantization else {}),
     }

@@ -57,11 +57,12 @@ class Job:
     batch_size: int | None = None
     schema: dict | None = None  # --json / --json-schema: what the output must satisfy
     allowed: object = None  # sampler.Allowed: the tokens positions of every sample may take
+    images: list | None = None  # --image: the prompt's images, cut into patches (images.Patches)
 
 
-def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) -> Job:
+def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, path=None) -> Job:
     """Decide the mode (the one place), read every file the flags name, encode the prompts and check
-    everything that needs no weights."""
+    everything that needs no weights. path: the checkpoint directory (needed with --image)."""
     text = {f: read_text_file(getattr(args, f + "_file"), f"--{f}-file") if getattr(args, f + "_file") else getattr(args, f)
             for f in ("infill", "template")}
     modes = [m for m, on in (("batch", args.batch_file), ("infill", text["infill"] is not None),
@@ -74,6 +75,12 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) 
     if "json" in modes and (args.pin or args.accept):
         raise UsageError(f"--{'pin' if args.pin else 'accept'} does not go with --json/--json-schema: the schema "
                          "pins the canvas, and every sample is checked against it")
+    if args.image:
+        from checkpoint import vision_config
+        vision_config(path, config)  # a checkpoint without a tower: said before anything else is read
+    if args.image and modes:
+        raise UsageError(f"--image goes with a prompt (images come before it in the chat format; with --raw, "
+                         f"<|image|> marks where each goes), not with --{modes[0].replace('batch', 'batch-file')}")
     if args.accept and samples < 2:
         raise UsageError("--accept picks among samples: give --samples N as well")
     if samples > 1 and modes in (["batch"], ["chat"]):
@@ -104,6 +111,16 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str) 
         if not lines:
             raise UsageError(f"batch file {args.batch_file} has no prompts (one prompt a line)")
         job.ids, job.labels = [encode(ln, f"prompt on line {n}") for n, ln in lines], [f"{n}: {ln[:60]}" for n, ln in lines]
+    elif job.mode == "prompt" and args.image:
+        from images import ImageError, image_prompt, image_settings
+        prompt = "Describe this image." if args.prompt is None else args.prompt
+        try:
+            ids, job.images = image_prompt(tok, prompt, args.image, image_settings(path, config.passthrough), config,
+                                           settings.max_new_tokens, raw=args.raw, thinking=args.thinking,
+                                           system=args.system)
+        except ImageError as e:
+            raise UsageError(str(e)) from None
+        job.ids, job.echo = [ids], ("" if tok.is_chat and not args.raw else prompt)
     elif job.mode == "prompt":
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         job.ids, job.echo = [encode(prompt)], ("" if tok.is_chat and not args.raw else prompt)

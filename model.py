@@ -65,6 +65,10 @@ class DiffusionGemmaConfig:
     # {layer index: {"head_dim": .., "num_key_value_heads": ..}} as transformers >= 5.17 writes it
     # (`per_layer_config`): when not None it is the only source of per-layer sizes (global_* unused)
     per_layer: dict[int, dict] | None = None
+    # an image's tokens see each other both ways in the causal pass (use_bidirectional_attention
+    # "vision", as released); False: causal like text (null)
+    bidirectional_images: bool = True
+    image_token_id: int | None = None  # the token an image's soft tokens stand on (released 258880)
     # the "quantization" block of config.json (quant.py), None for unquantized checkpoints
     quantization: dict | None = None
     # top-level config.json entries this text-only implementation carries through untouched
@@ -264,14 +268,24 @@ class DiffusionGemma(nn.Module):
         return h
 
     # -- the two modes ------------------------------------------------------------------------
-    def forward_causal(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_causal(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+                       images: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Causal pass over new tokens ids (B, S); appends their K/V to cache. Returns the final
-        normed hidden states (B, S, D). valid (B, S) marks real tokens in a left-padded batch."""
+        normed hidden states (B, S, D). valid (B, S) marks real tokens in a left-padded batch.
+        images (where (B, S) bool, soft (N, D)): the tokens at `where` (row by row) take the vision
+        tower's embeddings instead of their own, and each run of them attends within itself both ways."""
         B, S = ids.shape
         cache.extend_valid(valid, B, S, ids.device)
         positions = cache.positions(S, ids.device)  # (1, S)
-        masks = [causal_mask(cache, i, S, layer.sliding_window, ids.device) for i, layer in enumerate(self.layers)]
-        h = self.run_layers(self.embed(ids), positions, cache, masks, "causal")
+        h, blocks = self.embed(ids), None
+        if images is not None:
+            where, soft = images
+            h = self.embed(ids.masked_fill(where, self.config.pad_token_id)).masked_scatter(where[..., None], soft.to(h.dtype))
+            starts = where & ~F.pad(where[:, :-1], (1, 0), value=False)  # the first token of each image
+            if self.config.bidirectional_images:
+                blocks = torch.where(where, starts.long().cumsum(dim=1) - 1, -1)  # (B, S): image number, text -1
+        masks = [causal_mask(cache, i, S, layer.sliding_window, ids.device, blocks) for i, layer in enumerate(self.layers)]
+        h = self.run_layers(h, positions, cache, masks, "causal")
         cache.length += S
         return self.norm(h)
 

@@ -355,6 +355,20 @@ def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     return seq, (None if bool(valid.all()) else valid)
 
 
+def image_slots(seq: torch.Tensor, valid: torch.Tensor | None, images, image_token_id: int | None):
+    """forward_causal's images pair (where (B, P), embeddings (N, D)) for per-row embeddings, or None."""
+    if images is None or all(x is None for x in images):
+        return None
+    where = seq == image_token_id
+    if valid is not None:
+        where &= valid
+    for b, x in enumerate(images):
+        if int(where[b].sum()) != (0 if x is None else len(x)):
+            raise ValueError(f"row {b} has {int(where[b].sum())} image tokens but {0 if x is None else len(x)} "
+                             "image embeddings")
+    return where, torch.cat([x for x in images if x is not None]).to(seq.device)
+
+
 def growing_cache(model, batch: int, capacity: int) -> KVCache:
     """The default cache factory of block_diffusion: the plain KVCache, which grows as it is written."""
     return KVCache(model.config.layer_types, model.config.sliding_window)
@@ -362,8 +376,8 @@ def growing_cache(model, batch: int, capacity: int) -> KVCache:
 
 @torch.no_grad()
 def block_diffusion(model, prompts: list[list[int]], settings: GenerationSettings, *, pins=None, allowed=None,
-                    seeds=None, on_step=None, on_canvas=None, denoise=denoise_canvas, new_cache=growing_cache,
-                    cache: KVCache | None = None) -> GenerationResult:
+                    seeds=None, images=None, on_step=None, on_canvas=None, denoise=denoise_canvas,
+                    new_cache=growing_cache, cache: KVCache | None = None) -> GenerationResult:
     """Generate continuations of token-id prompts (a batch, left padded).
 
     pins: per row {offset from the first new token: token id}; those positions of the canvases are
@@ -371,6 +385,8 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     positions may take.
     seeds: per row, the seed of its own random stream, or the RandomStreams themselves; None: torch's
     default generator, shared by the batch, as transformers draws.
+    images: per row, the vision tower's embeddings (n, D) of the row's image tokens
+    (config.image_token_id, n of them, in order), or None for a row without images.
     on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, new, finished)
     after every commit, new (B, tokens so far) the committed tokens after the prompts.
     denoise: denoise_canvas, or a faster function with its signature;
@@ -392,9 +408,9 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     result = GenerationResult(sequences=seq, tokens=[], prompt_length=P)
     t0 = time.perf_counter()
 
-    pending, pending_valid = seq, valid
+    pending, pending_valid, soft = seq, valid, image_slots(seq, valid, images, c.image_token_id)
     for ci in range(settings.canvases(C)):
-        model.forward_causal(pending, cache, pending_valid)  # 1. read what the cache lacks
+        model.forward_causal(pending, cache, pending_valid, soft if ci == 0 else None)  # 1. read what the cache lacks
         state = DenoiseState.start(B, C, V, rng, settings.sampler.max_steps, pins=canvas_pins(pins, ci, B, C, device),
                                    allowed=None if allowed is None else allowed.for_canvas(ci, B, C, V, device),
                                    index=ci, done=finished)  # 2. a random canvas
@@ -417,9 +433,9 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
 
 
 def run_batches(model, prompts: list[list[int]], settings: GenerationSettings, batch_size: int, *,
-                pins=None, seeds=None, on_batch=None, on_canvas=None, **kw) -> list[GenerationResult]:
+                pins=None, seeds=None, images=None, on_batch=None, on_canvas=None, **kw) -> list[GenerationResult]:
     """block_diffusion over successive batches of batch_size prompts, results in input order, so
-    that memory stays bounded however many prompts there are. pins and seeds: per prompt.
+    that memory stays bounded however many prompts there are. pins, seeds and images: per prompt.
     on_batch(start, result) after each batch, on_canvas(start, canvas_index, new, finished) after
     each commit; kw: block_diffusion's other options."""
     results = []
@@ -428,6 +444,7 @@ def run_batches(model, prompts: list[list[int]], settings: GenerationSettings, b
         hook = None if on_canvas is None else (lambda ci, new, fin, start=start: on_canvas(start, ci, new, fin))
         result = block_diffusion(model, prompts[start: stop], settings, on_canvas=hook,
                                  pins=None if pins is None else pins[start: stop],
+                                 images=None if images is None else images[start: stop],
                                  seeds=None if seeds is None else seeds[start: stop], **kw)
         results.append(result)
         if on_batch is not None:

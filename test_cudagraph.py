@@ -127,6 +127,23 @@ def test_static_cache_equals_the_growing_one(prompt):
     assert static.layers[1].k_buf.shape[2] == 64
 
 
+def test_static_cache_takes_a_prompt_with_an_image():
+    """An image block (30 tokens, wider than the sliding window of 24) in a left-padded prompt: the
+    fixed buffers give the growing cache's logits."""
+    model = init_weights(DiffusionGemma(test_config("test-b", image_token_id=7)), std=0.3, seed=4)
+    ids = torch.arange(10, 50).repeat(2, 1)
+    ids[:, 6:36] = 7
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :3] = False
+    soft = torch.randn(60, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    out = []
+    for cache in (KVCache(model.config.layer_types, model.config.sliding_window),
+                  GraphedDenoiser(keyed_stats).new_cache(model, 2, 64)):
+        model.forward_causal(ids, cache, valid, images=(ids == 7, soft))
+        out.append(model.forward_canvas(torch.arange(50, 58).repeat(2, 1), cache))
+    torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=0)  # logits up to 30: fp32 sums in two orders
+
+
 def test_a_full_unpadded_ring_needs_no_mask():
     model = init_weights(DiffusionGemma(test_config("test-b")), seed=0)
     cache = GraphedDenoiser(keyed_stats).new_cache(model, 1, 64)

@@ -16,7 +16,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("test_") and p.name != "conftest.py")
 MODULES = {p.stem for p in SOURCES} | {"cuda_kernels"}
-NETWORK = {"model", "attention", "moe", "kvcache"}
+NETWORK = {"model", "attention", "moe", "kvcache", "vision"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -71,6 +71,13 @@ def test_network_runs_copied_alone(tmp_path):
             "print(tuple(m.forward_canvas(torch.arange(32)[None], c).shape))")
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "(1, 32, 8192)", p.stderr
+    code = ("import torch; from vision import Vision, VisionConfig\n"
+            "v = Vision(VisionConfig(num_hidden_layers=1, hidden_size=24, intermediate_size=32, num_attention_heads=2,"
+            " num_key_value_heads=2, head_dim=12, patch_size=2), text_hidden=16)\n"
+            "places = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(3), indexing='xy'), -1).reshape(1, 9, 2)\n"
+            "print(tuple(v(torch.rand(1, 9, 12), places).shape))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "(1, 16)", p.stderr
 
 
 def text_files():
@@ -104,7 +111,7 @@ def test_the_outside_check_sees_every_spelling():
     assert not any(re.search(p, s) for p in OUTSIDE + CLIMB for s in ["sharded", "a shared stream", "share_memory()"])
 
 
-REFERENCE = ["kvcache.py", "model.py", "attention.py", "moe.py", "sampler.py", "streams.py"]
+REFERENCE = ["kvcache.py", "model.py", "attention.py", "moe.py", "sampler.py", "streams.py", "vision.py"]
 
 
 @pytest.mark.parametrize("name", REFERENCE)

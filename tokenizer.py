@@ -30,6 +30,7 @@ from sampler import RequestError, check_context
 TURN_OPEN, TURN_CLOSE, THINK = "<|turn>", "<turn|>", "<|think|>"
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+IMAGE = "<|image|>"  # where the chat template puts an image (images.py expands it to its soft tokens)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -126,7 +127,8 @@ def strip_thinking(text: str) -> str:
 
 
 def canonical_format(messages: list[dict], bos: str, add_generation_prompt: bool, thinking: bool) -> str:
-    """The Gemma 4 canonical chat template (2026-07) for system/user/assistant messages, in Python."""
+    """The Gemma 4 canonical chat template (2026-07) for system/user/assistant messages, in Python;
+    content a string or text and image parts."""
     out = bos
     rest = messages
     if thinking or (messages and messages[0]["role"] in ("system", "developer")):
@@ -137,7 +139,9 @@ def canonical_format(messages: list[dict], bos: str, add_generation_prompt: bool
         out += f"{TURN_CLOSE}\n"
     for m in rest:
         role = "model" if m["role"] == "assistant" else m["role"]
-        content = strip_thinking(m["content"]) if role == "model" else m["content"].strip()
+        parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+        content = "".join(IMAGE if p["type"] != "text" else strip_thinking(p["text"]) if role == "model"
+                          else p["text"].strip() for p in parts)
         out += f"{TURN_OPEN}{role}\n{content}{TURN_CLOSE}\n"
     if add_generation_prompt:
         out += f"{TURN_OPEN}model\n"
@@ -205,10 +209,12 @@ class Tokenizer:
             raise RequestError("this tokenizer has no chat format (no chat template, no turn markers): a conversation "
                                "needs an instruction-tuned checkpoint")
         if self.template is None:
-            plain = all(isinstance(m["content"], str) and m["role"] != "tool" and not m.get("tool_calls")
-                        for m in messages)
+            plain = all((isinstance(m["content"], str) or all(p["type"] in ("text", "image", "image_url")
+                                                              for p in m["content"]))
+                        and m["role"] != "tool" and not m.get("tool_calls") for m in messages)
             if tools or not plain:
-                raise RequestError("tools, tool messages and content parts need the checkpoint's own chat template")
+                raise RequestError("tools, tool messages and content parts other than text and images need the "
+                                   "checkpoint's own chat template")
             return canonical_format(messages, self.bos_token, add_generation_prompt, thinking)
         import jinja2
         try:
@@ -222,12 +228,16 @@ class Tokenizer:
         """Token ids of a conversation [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]."""
         return self.encode(self.render_chat(messages, thinking, add_generation_prompt, tools))
 
-    def prompt_ids(self, text: str, chat: bool = True, thinking: bool = False, system: str | None = None) -> list[int]:
+    def prompt_ids(self, text: str, chat: bool = True, thinking: bool = False, system: str | None = None,
+                   images: int = 0) -> list[int]:
         """One user turn (after an optional system prompt) ready for the model to answer, in the chat
-        format when the tokenizer has one and chat is True; else the text as the tokenizer encodes it."""
+        format when the tokenizer has one and chat is True; else the text as the tokenizer encodes it.
+        images: that many images before the text, each where the template writes it (one <|image|>
+        token, images.place_images expands it); a raw text writes <|image|> itself."""
         if not (chat and self.is_chat):
             return self.encode_raw(text)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        content = text if not images else [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         return self.apply_chat_template(messages, thinking=thinking)
 
     def split_thought(self, ids: list[int]) -> Thought:
@@ -266,13 +276,13 @@ class Tokenizer:
 
 
 def encode_prompt(tok: Tokenizer, text: str, config, max_new_tokens: int, *, raw: bool = False,
-                  thinking: bool = False, system: str | None = None, name: str = "prompt") -> list[int]:
+                  thinking: bool = False, system: str | None = None, name: str = "prompt", images: int = 0) -> list[int]:
     """A user turn ready for the model (config: its DiffusionGemmaConfig) in the checkpoint's chat
     format (plain text with raw, or for a tokenizer without one); RequestError for an empty prompt,
-    a token the model has no embedding for, or one too long for its positions."""
+    a token the model has no embedding for, or one too long for its positions. images: as prompt_ids."""
     if not text.strip():
         raise RequestError(f"the {name} is empty")
-    ids = tok.prompt_ids(text, chat=not raw, thinking=thinking, system=system)
+    ids = tok.prompt_ids(text, chat=not raw, thinking=thinking, system=system, images=images)
     if ids and max(ids) >= config.vocab_size:
         raise RequestError(f"the {name} holds a token the model has no embedding for "
                            f"({tok.decode_visible([max(ids)])!r}): leave it out")
