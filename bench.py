@@ -16,6 +16,7 @@ and bf16 matmul rate; the floor of a step is the bytes it must read / the bandwi
     python bench.py                   # released shape on a GPU (about 60 GB)
     python bench.py --quant int8,int4 # bf16, then int8 and int4 experts in one run: speed, logit error, agreement
     python bench.py --quant int4 --memory   # peak memory of the int4 model generating from a 4k prompt
+    python bench.py --vision          # the vision tower: ms per image, ours and transformers'
 """
 
 import argparse
@@ -322,6 +323,59 @@ def bench_quant(args, device, cfg, ceilings, report: Report) -> None:
                    f"denoiser argmax agreement {agree:.4%}")
 
 
+# the released vision tower (config.json's vision_config), and a tiny one for --tiny
+VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+              num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3, standardize=True)
+TINY_VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=32, patch_size=4, pooling_kernel_size=3, standardize=True)
+
+
+def bench_vision(args, device, report) -> None:
+    """The vision tower on images of a full patch budget (280 soft tokens each), ours and transformers'
+    Gemma4VisionModel on the same random weights (built on the device): ms per image, agreement."""
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+    from vision import Vision, VisionConfig
+    sizes = TINY_VISION if args.tiny else VISION
+    vc, text_hidden = VisionConfig(**sizes), 128 if args.tiny else 2816
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with torch.device(device):
+        ours = init_weights_like(Vision(vc, text_hidden)).to(dtype).eval()
+        ref = Gemma4VisionModel(Gemma4VisionConfig(**sizes)).to(dtype).eval()
+    ref.load_state_dict({k[len("vision_tower."):]: v for k, v in ours.state_dict().items() if k.startswith("vision_tower.")})
+    # a grid of 60 x 42 patches (960 x 672 pixels at patch 16): 2,520 patches, 20 x 14 = 280 soft tokens
+    places = torch.stack(torch.meshgrid(torch.arange(60), torch.arange(42), indexing="xy"), -1).reshape(-1, 2).to(device)
+    n_patches = places.shape[0]
+    params = sum(t.numel() * t.element_size() for t in ours.state_dict().values()) / 2 ** 30
+    for batch in (1, 4):
+        pixels = torch.rand(batch, n_patches, 3 * vc.patch_size ** 2, device=device)
+        where = places[None].expand(batch, -1, -1).contiguous()
+        with torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t_ours = timed(lambda: ours(pixels, where), device)
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+            t_ref = timed(lambda: ours.embed_vision(ref(pixels, where).last_hidden_state), device)
+            diff = (ours(pixels, where).float() - ours.embed_vision(ref(pixels, where).last_hidden_state).float()).abs().max().item()
+        report.add("rows", {"system": f"vision tower, {batch} image{'s' * (batch > 1)}", "ms_per_image": t_ours * 1e3 / batch,
+                            "transformers_ms_per_image": t_ref * 1e3 / batch, "max_abs_diff": diff, "peak_GiB": peak,
+                            "weights_GiB": params},
+                   f"vision tower, {batch} image(s) of 280 soft tokens: {t_ours * 1e3 / batch:.1f} ms/image "
+                   f"(transformers {t_ref * 1e3 / batch:.1f}), max |diff| {diff:.2e}, weights {params:.2f} GiB, "
+                   f"peak {peak:.2f} GiB")
+
+
+def init_weights_like(net):
+    """Random weights in place on the module's own device: matrices N(0, 0.02), the position table
+    N(0, 0.5), norms and scales 1."""
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if t.ndim >= 2:
+                t.normal_(0, 0.5 if "position_embedding" in name else 0.02)
+            else:
+                t.fill_(1.0)
+    return net
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of bench.py."""
     p = Parser(description="Denoising-step benchmark: CUDA kernels vs transformers vs plain PyTorch.")
@@ -334,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", help="compare bf16 with int8, int4 or int8,int4 experts instead (one build)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     p.add_argument("--memory", action="store_true", help="with --quant: peak memory from a 4k prompt, alone")
+    p.add_argument("--vision", action="store_true", help="the vision tower instead: ours and transformers', per image")
     return p
 
 
@@ -351,11 +406,13 @@ def main(args: argparse.Namespace) -> int:
     print(f"device {name}, {report.data['shape']}, {args.steps} steps/canvas, canvas {cfg.canvas_length}; "
           f"copy bandwidth {ceilings['bandwidth_GBps']:.0f} GB/s, bf16 matmul {ceilings['bf16_TFLOPs']:.1f} TFLOP/s",
           flush=True)
-    if args.quant:
+    if args.vision:
+        bench_vision(args, device, report)
+    elif args.quant:
         bench_quant(args, device, cfg, ceilings, report)
     else:
         bench_main(args, device, cfg, ceilings, report)
-    if args.tiny and not args.quant:
+    if args.tiny and not args.quant and not args.vision:
         seconds = bare_run_seconds()
         report.add("bare_generate_seconds", seconds, f"bare `python generate.py` (bundled model, CPU): {seconds:.1f} s")
     return 0

@@ -39,12 +39,15 @@ def test_device_check_dry_run(tmp_path):
                        timeout=900, env=env)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert p.returncode == 0, summary + p.stderr[-2000:]
-    for phase in ("env", "build", "unit", "micro", "model", "bench", "quant", "memory"):
+    for phase in ("env", "build", "unit", "micro", "model", "bench", "quant", "memory", "vision"):
         assert f"{phase}: exit 0" in summary, summary
     files = sorted(f.name for f in (tmp_path / "out").iterdir())
-    assert len(files) <= 6 and "logs.tgz" in files and "summary.txt" in files, files
+    assert len(files) <= 8 and "logs.tgz" in files and "summary.txt" in files, files
     micro = json.loads((tmp_path / "out" / "micro.json").read_text())
     assert {"ceilings", "moe", "attention", "layer"} <= set(micro)
     bench_json = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [r["system"] for r in bench_json["rows"]] == ["transformers 5.17.0", "ours, plain PyTorch"]
     assert bench_json["parity"]["plain"]["committed_identical"]
+    vision = json.loads((tmp_path / "out" / "bench_vision.json").read_text())
+    assert [r["system"] for r in vision["rows"]] == ["vision tower, 1 image", "vision tower, 4 images"]
+    assert all(r["max_abs_diff"] < 1e-4 and r["ms_per_image"] > 0 for r in vision["rows"])

@@ -14,8 +14,9 @@
 #             transformers, then plain (4 steps)
 #   6 quant   bf16, int8 and int4 expert rows from one build on the GPU, if time remains
 #   7 memory  the int4 model's peak memory generating from a 4k prompt, if time remains
-# What comes back ($OUT, 6 files): summary.txt (appended after every phase), micro.json, bench.json,
-# bench_quant.json, bench_memory.json, logs.tgz (every log, re-packed after every phase).
+#   8 vision  the released vision tower, ours and transformers', ms per image, if time remains
+# What comes back ($OUT, 7 files): summary.txt (appended after every phase), micro.json, bench.json,
+# bench_quant.json, bench_memory.json, bench_vision.json, logs.tgz (every log, re-packed after every phase).
 #
 #   bash scripts/device_check.sh             # on the GPU machine
 #   bash scripts/device_check.sh --dry-run   # every phase's CPU part, here (CI runs it)
@@ -67,6 +68,7 @@ if [ $DRY -eq 1 ]; then
   phase bench 240 10 "$PY" bench.py --tiny --steps 2 --json "$OUT/bench.json"
   phase quant 120 10 "$PY" bench.py --tiny --steps 2 --quant int8,int4 --json "$OUT/bench_quant.json"
   phase memory 120 10 "$PY" bench.py --tiny --steps 2 --quant int4 --memory --prompt 256 --json "$OUT/bench_memory.json"
+  phase vision 120 10 "$PY" bench.py --tiny --vision --json "$OUT/bench_vision.json"
   grep -q "exit [^0]" "$OUT/summary.txt" && { say "dry run: a phase failed"; exit 1; }
   say "dry run: every phase ran"
   exit 0
@@ -96,5 +98,7 @@ phase quant 120 60 "$PY" bench.py --quant int8,int4 --json "$OUT/bench_quant.jso
   grep -vE "Warning|warn" "$LOGS/quant.log" | tail -6 >> "$OUT/summary.txt"
 phase memory 60 40 "$PY" bench.py --quant int4 --memory --json "$OUT/bench_memory.json" && \
   grep -vE "Warning|warn" "$LOGS/memory.log" | tail -2 >> "$OUT/summary.txt"
+phase vision 40 20 "$PY" bench.py --vision --json "$OUT/bench_vision.json" && \
+  grep "vision tower" "$LOGS/vision.log" >> "$OUT/summary.txt"
 say "done"
 pack
