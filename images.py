@@ -155,8 +155,9 @@ def checkpoint_of(model) -> Path:
 def embed_images(model, patches: list) -> torch.Tensor:
     """The soft-token embeddings (n_soft of each image, one after the other, D) of images.Patches,
     by the vision tower of the model's checkpoint, read the first time an image is given."""
-    if getattr(model, "vision", None) is None:
-        model.vision = load_vision(checkpoint_of(model), model.device, model.dtype)
+    if getattr(model, "vision", None) is None:  # kept out of the model's modules (its state dict, the
+        # fast paths' class swaps and the ranks' sharding are the text stack's): a plain attribute
+        object.__setattr__(model, "vision", load_vision(checkpoint_of(model), model.device, model.dtype))
     pixels, places = stack(patches)
     with torch.no_grad():
         return model.vision(pixels.to(model.device), places.to(model.device))

@@ -5,7 +5,9 @@ Follows transformers 5.17.0 `models/diffusion_gemma/modeling_diffusion_gemma.py`
 
 One weight stack, run in two modes (the checkpoint stores it once, under `model.decoder.*`):
   forward_causal(ids, cache)    reads the prompt, or a committed canvas, causally and appends each
-                                layer's K/V to the cache ("encoder" in transformers)
+                                layer's K/V to the cache ("encoder" in transformers); the tokens
+                                of an image take the vision tower's embeddings (vision.py) and
+                                attend to each other both ways
   forward_canvas(canvas, cache) one denoising pass: the canvas attends bidirectionally to
                                 [cache ; canvas], reads the cache only, returns fp32 logits
                                 (B, canvas_length, vocab) ("decoder" + lm_head in transformers)
@@ -194,12 +196,17 @@ class Block(nn.Module):
         B, S, D = h.shape
         h = h + self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(h), cos, sin, layer_cache, mask, mode))
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         flat = h.reshape(-1, D)  # (B*S, D)
         weights, idx = self.router(flat)  # routed on the raw residual stream
         routed = self.experts(self.pre_feedforward_layernorm_2(flat), idx, weights).reshape(B, S, D)
-        h = h + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(routed))
-        return h * self.layer_scalar
+        return self.combine(h, dense, routed)
+
+    def combine(self, h, dense, routed) -> torch.Tensor:
+        """(h + post_ffw_norm(post_ffw_norm_1(dense) + post_ffw_norm_2(routed))) * layer_scalar. A
+        seam: a fast path (cuda_kernels.FusedBlock) does it in one kernel."""
+        both = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(routed)
+        return (h + self.post_feedforward_layernorm(both)) * self.layer_scalar
 
 
 class DiffusionGemma(nn.Module):
@@ -247,7 +254,8 @@ class DiffusionGemma(nn.Module):
         return torch.matmul(probs, E) * self.embed_scale()  # (B, C, D)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied lm_head (no embedding scale), fp32, softcapped: tanh(x / 30) * 30."""
+        """Tied lm_head (no embedding scale), fp32, softcapped: tanh(x / 30) * 30. A seam: a fast
+        path (cuda_kernels.FusedHead) softcaps in one kernel."""
         x = F.linear(h, self.embedding_matrix()).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(x / cap) * cap

@@ -265,3 +265,119 @@ def test_rms_norm_equals_plain(D, with_scale):
     got = cuda_kernels.rms_norm(x, norm.weight, 1e-6)
     assert report(f"rmsnorm D={D}", got, ref) < 5e-3
     assert (got != ref).float().mean() < 0.01  # the same bf16 almost everywhere: only the sum's order differs
+
+
+def bf(x):
+    """As a bf16 PyTorch op rounds its fp32 result."""
+    return x.to(torch.bfloat16)
+
+
+class StandIn:
+    """A stand-in for the extension on the CPU: fused_ops.cu's kernels step for step in torch (every
+    bf16 rounding where the kernel rounds), the older kernels by what they replace. It checks the
+    plumbing (which tensors go in, in which layout, where the results go) and that the fused order
+    of operations is the plain path's; the kernels themselves are checked on a GPU below."""
+
+    @staticmethod
+    def norm(x, w, eps):
+        f = x.float()
+        f = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
+        return bf(f if w is None or w.numel() == 0 else f * w.float())
+
+    def rms_norm(self, x, w, eps):
+        return self.norm(x, w, eps)
+
+    def post_ffn(self, h, dense, routed, w1, w2, w, scalar, eps):
+        s = bf(self.norm(dense, w1, eps).float() + self.norm(routed, w2, eps).float())
+        return bf(bf(h.float() + self.norm(s, w, eps).float()).float() * scalar.float())
+
+    def qk_norm_rope(self, x, w, cos, sin, eps):
+        n = self.norm(x, w, eps).float()
+        lo, hi = n.chunk(2, dim=-1)
+        cl, ch = cos.float()[None, :, None].chunk(2, dim=-1)
+        sl, sh = sin.float()[None, :, None].chunk(2, dim=-1)
+        return bf(torch.cat([bf(lo * cl).float() + bf(-hi * sl).float(), bf(hi * ch).float() + bf(lo * sh).float()], -1))
+
+    def softcap(self, x, cap):
+        return torch.tanh(x.float() / cap) * cap
+
+    def fused_moe(self, x, token, assign, weight, offsets, gate_up, _s, _z, down, _ds, _dz, fmt, group, I):
+        from moe import expert_mlp
+        out = torch.zeros(len(assign), x.shape[1])
+        for e in range(len(offsets) - 1):
+            a = slice(int(offsets[e]), int(offsets[e + 1]))
+            if a.start < a.stop:
+                out[assign[a].long()] = expert_mlp(x[token[a].long()], gate_up[e], down[e]).float() * weight[a, None]
+        return out
+
+
+def test_fused_glue_on_a_stand_in_extension(monkeypatch):
+    """The model switched to the kernels (a stand-in extension, on the CPU) gives the plain path's
+    logits; the swap covers the layers and the head, and switching back restores the plain classes."""
+    from kvcache import KVCache
+    from model import Block, DiffusionGemma, init_weights
+    model = init_weights(DiffusionGemma(test_config("test-kernels")), std=0.3, seed=2).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(1.0, 0.2)  # norms that differ, so a swapped weight shows
+    prompt, canvas = torch.arange(3, 50)[None], torch.arange(100, 132)[None]
+
+    def logits():
+        cache = KVCache(model.config.layer_types, model.config.sliding_window)
+        with torch.no_grad():
+            model.forward_causal(prompt, cache)
+            return model.forward_canvas(canvas, cache)
+
+    plain = logits()
+    monkeypatch.setattr(cuda_kernels, "build", lambda *a, **k: StandIn())
+    cuda_kernels.swap(model, True)
+    assert type(model) is cuda_kernels.FusedHead and all(type(layer) is cuda_kernels.FusedBlock for layer in model.layers)
+    assert all(type(layer.self_attn) is cuda_kernels.GQAAttention for layer in model.layers)
+    fast = logits()
+    assert report("stand-in kernels vs plain", fast, plain) < 1e-3  # equal here: the same roundings
+    assert (fast.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
+    cuda_kernels.swap(model, False)
+    assert type(model) is DiffusionGemma and all(type(layer) is Block for layer in model.layers)
+    assert torch.equal(logits(), plain)
+
+
+@gpu
+@pytest.mark.parametrize("D", [128, 2816])
+def test_post_ffn_equals_the_plain_layer_end(D):
+    from model import Block
+    torch.manual_seed(D)
+    block = Block(test_config("test-kernels", hidden_size=D), 0).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for n in (block.post_feedforward_layernorm, block.post_feedforward_layernorm_1, block.post_feedforward_layernorm_2):
+            n.weight.normal_(1.0, 0.3)
+        block.layer_scalar.fill_(0.83)
+    h, dense, routed = (torch.randn(2, 37, D, device="cuda", dtype=torch.bfloat16) * s for s in (5, 0.3, 2))
+    ref = block.combine(h, dense, routed)
+    got = cuda_kernels.post_ffn(block, h, dense, routed)
+    assert report(f"post_ffn D={D}", got, ref) < 5e-3
+    assert (got != ref).float().mean() < 0.02  # the same bf16 almost everywhere: only the sums' order differs
+
+
+@gpu
+@pytest.mark.parametrize("d,heads,rope", [(16, 4, "default"), (256, 8, "default"), (512, 2, "proportional")])
+def test_norm_rope_equals_plain(d, heads, rope):
+    from attention import apply_rope, rope_cos_sin, rope_inv_freq
+    torch.manual_seed(d)
+    norm = RMSNorm(d, 1e-6).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = torch.randn(2, 33, heads, d, device="cuda", dtype=torch.bfloat16) * 3
+    freq = rope_inv_freq(d, 1e6 if rope == "proportional" else 1e4, rope, 0.25 if rope == "proportional" else 1.0)
+    cos, sin = rope_cos_sin(freq.cuda(), torch.arange(1000, 1033, device="cuda")[None], torch.bfloat16)
+    ref = apply_rope(norm(x), cos, sin)
+    got = cuda_kernels.norm_rope(x, norm, cos, sin)
+    assert report(f"norm + rope d={d}", got, ref) < 5e-3
+    assert (got != ref).float().mean() < 0.02
+
+
+@gpu
+def test_softcap_equals_plain():
+    x = torch.randn(2, 256, 1000, device="cuda", dtype=torch.bfloat16) * 40
+    got = cuda_kernels.build().softcap(x, 30.0)
+    torch.testing.assert_close(got, torch.tanh(x.float() / 30.0) * 30.0, atol=2e-5, rtol=0)

@@ -3,7 +3,9 @@
   fused_moe.cu   the 128 experts as one grouped GEMM over tokens sorted by expert (cp.async pipeline)
   attention.cu   the canvas's bidirectional attention over [cached prefix ; canvas]
   sampler.cu     the sampler's pass over the logits, fused: scaled logits, argmax, entropy, a sample
-  rmsnorm.cu     RMSNorm in one pass (eleven a layer)
+  rmsnorm.cu     RMSNorm in one pass
+  fused_ops.cu   the glue between them in single kernels: a layer's end (three norms, two adds, the
+                 layer scalar), a head's q/k norm with its RoPE, the head's softcap
   bindings.cpp   their Python bindings
 
 The kernels are built on first use with torch.utils.cpp_extension.load and cached (by default under
@@ -12,7 +14,8 @@ The kernels are built on first use with torch.utils.cpp_extension.load and cache
 How a model is switched to them (use_kernels, the one place): each module's class is swapped for a
 subclass that overrides one method with the kernel, as distributed.py swaps the sharded modules:
 RMSNorm -> FusedRMSNorm (forward), moe.Experts and its subclasses -> FusedExperts (forward),
-Attention -> GQAAttention or KernelAttention (attend_canvas, attention.py's seam). The weights stay
+Attention -> GQAAttention or KernelAttention (qkv and attend_canvas, attention.py's seams), model.Block
+-> FusedBlock (combine), model.DiffusionGemma -> FusedHead (logits: model.py's seams). The weights stay
 where they are, the plain classes come back with use_kernels(model, "torch"), and every kernel has
 the signature of the plain function it replaces and is tested against it (test_kernels.py).
 
@@ -31,10 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from attention import Attention, RMSNorm
+from model import Block, DiffusionGemma
 from moe import Experts
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu", HERE / "sampler.cu", HERE / "rmsnorm.cu"]
+SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu", HERE / "sampler.cu", HERE / "rmsnorm.cu",
+           HERE / "fused_ops.cu"]
 _ext = None
 
 
@@ -171,6 +176,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return build().rms_norm(x.contiguous(), empty if weight is None else weight.to(x.dtype), eps)
 
 
+def post_ffn(block, h: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """model.Block.combine in one kernel: h, dense, routed (B, S, D) bf16 -> (B, S, D)."""
+    n1, n2, n = block.post_feedforward_layernorm_1, block.post_feedforward_layernorm_2, block.post_feedforward_layernorm
+    return build().post_ffn(h.contiguous(), dense.contiguous(), routed.contiguous(), n1.weight.to(h.dtype),
+                            n2.weight.to(h.dtype), n.weight.to(h.dtype), block.layer_scalar.to(h.dtype), n.eps)
+
+
+def norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """attention.apply_rope(norm(x), cos, sin) in one kernel: x (B, S, heads, d) bf16, cos/sin (1, S, d)."""
+    S, d = x.shape[1], x.shape[3]
+    return build().qk_norm_rope(x.contiguous(), norm.weight.to(x.dtype), cos.reshape(S, d).to(x.dtype).contiguous(),
+                                sin.reshape(S, d).to(x.dtype).contiguous(), norm.eps)
+
+
+def fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """attention.Attention.qkv with each of q's and k's norm + RoPE in one kernel."""
+    B, S, _ = x.shape
+    q = norm_rope(self.q_proj(x).view(B, S, -1, self.head_dim), self.q_norm, cos, sin).transpose(1, 2)
+    k_raw = self.k_proj(x).view(B, S, -1, self.head_dim)
+    v = k_raw if self.v_proj is None else self.v_proj(x).view(B, S, -1, self.head_dim)
+    k = norm_rope(k_raw, self.k_norm, cos, sin).transpose(1, 2)
+    return q, k, self.v_norm(v).transpose(1, 2)
+
+
+def softcap_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """model.DiffusionGemma.logits with the softcap in one pass: the head's bf16 output read once
+    (the kernel takes 8 logits at a time; other counts take the plain path)."""
+    x = F.linear(h, model.embedding_matrix())
+    if x.numel() % 8 or x.dtype != torch.bfloat16:
+        cap = model.config.final_logit_softcapping
+        return torch.tanh(x.float() / cap) * cap
+    return build().softcap(x.contiguous(), model.config.final_logit_softcapping)
+
+
 # ---- the modules that use them ---------------------------------------------------------------
 
 class FusedRMSNorm(RMSNorm):
@@ -188,20 +227,37 @@ class FusedExperts(Experts):
 
 
 class GQAAttention(Attention):
-    """The canvas attention on SDPA's grouped-query path (no K/V repeat)."""
+    """The canvas attention on SDPA's grouped-query path (no K/V repeat); q/k norm + RoPE fused."""
+    qkv = fused_qkv
 
     def attend_canvas(self, q, k_cache, v_cache, k_new, v_new, valid):
         return gqa_canvas_attention(q, k_cache, v_cache, k_new, v_new, valid)
 
 
 class KernelAttention(Attention):
-    """The canvas attention in the flash-style kernel that reads the cache in place (attention.cu)."""
+    """The canvas attention in the flash-style kernel that reads the cache in place (attention.cu);
+    q/k norm + RoPE fused."""
+    qkv = fused_qkv
 
     def attend_canvas(self, q, k_cache, v_cache, k_new, v_new, valid):
         return canvas_attention(q, k_cache, v_cache, k_new, v_new, valid)
 
 
-FAST = {RMSNorm: FusedRMSNorm, Experts: FusedExperts}
+class FusedBlock(Block):
+    """model.Block with its end (norms, adds, layer scalar) in one kernel (fused_ops.cu)."""
+
+    def combine(self, h, dense, routed):
+        return post_ffn(self, h, dense, routed)
+
+
+class FusedHead(DiffusionGemma):
+    """model.DiffusionGemma with the softcap of its logits in one kernel (fused_ops.cu)."""
+
+    def logits(self, h):
+        return softcap_logits(self, h)
+
+
+FAST = {RMSNorm: FusedRMSNorm, Experts: FusedExperts, Block: FusedBlock, DiffusionGemma: FusedHead}
 _made: dict[tuple, type] = {}  # (plain class, fast base) -> the class with the fast method first
 
 
@@ -222,7 +278,8 @@ def plain_class(cls: type) -> type:
     for (plain, _), made in _made.items():
         if made is cls:
             return plain
-    return cls.__mro__[1] if cls in (FusedRMSNorm, FusedExperts, GQAAttention, KernelAttention) else cls
+    return cls.__mro__[1] if cls in (FusedRMSNorm, FusedExperts, GQAAttention, KernelAttention, FusedBlock,
+                                     FusedHead) else cls
 
 
 # ---- choosing a path --------------------------------------------------------------------------
@@ -244,15 +301,17 @@ def choose(kind: str, device: torch.device) -> tuple[str, str]:
 
 
 def shapes_fit(c) -> bool:
-    """Sizes the kernels take: hidden and expert sizes multiples of 64, head_dim a multiple of 16 up
-    to 512, a vocabulary that is a multiple of 4 (the sampler reads 4 logits at a time)."""
+    """Sizes the kernels take: hidden and expert sizes multiples of 64 (hidden at most 8192: a layer's
+    end is one block per row), head_dim a multiple of 16 up to 512, a vocabulary that is a multiple of
+    4 (the sampler reads 4 logits at a time)."""
     dims = [c.layer_head_dim(i) for i in range(c.num_hidden_layers)]
-    return not (c.hidden_size % 64 or c.moe_intermediate_size % 64 or c.vocab_size % 4
+    return not (c.hidden_size % 64 or c.hidden_size > 8192 or c.moe_intermediate_size % 64 or c.vocab_size % 4
                 or any(d % 16 or d > 512 for d in dims))
 
 
 def swap(root, fast: bool, attention_kernel: bool = False) -> None:
-    """Every RMSNorm, experts module and attention block under root to its fast class (or back)."""
+    """Every RMSNorm, experts module, attention block, layer and the model under root to its fast
+    class (or back)."""
     attention = KernelAttention if attention_kernel else GQAAttention
     for module in root.modules():  # every norm: the layers', the final one, self-conditioning's
         plain = plain_class(type(module))
@@ -260,8 +319,10 @@ def swap(root, fast: bool, attention_kernel: bool = False) -> None:
             module.__class__ = plain
         elif isinstance(module, Attention):
             module.__class__ = fast_class(plain, attention)
-        elif isinstance(module, (RMSNorm, Experts)):
-            module.__class__ = fast_class(plain, FAST[RMSNorm if isinstance(module, RMSNorm) else Experts])
+        else:
+            kind = next((k for k in FAST if isinstance(module, k)), None)
+            if kind is not None:
+                module.__class__ = fast_class(plain, FAST[kind])
 
 
 def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> str:
@@ -284,5 +345,5 @@ def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> st
     swap(model, path == "cuda", attention_kernel)
     if path != "cuda":
         return f"kernels: torch ({why})"
-    return (f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, sampler; canvas attention: "
+    return (f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, norm + RoPE, layer end, softcap, sampler; canvas attention: "
             f"{'kernel' if attention_kernel else 'SDPA'})")
