@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import IMAGE_TOKENS, TEST_PROCESSOR, copy_checkpoint
-from images import ImageError, ImageSettings, image_patches, image_settings, place_images, read_image, stack
+from images import (ImageError, ImageSettings, image_patches, image_prompt, image_settings, place_images, read_image,
+                    stack)
 from test_generate import assert_one_line_error, cli
 from kvcache import KVCache
 
@@ -202,7 +203,7 @@ def test_python_api_equals_transformers(vision_ckpt, tmp_path):
     f = png(tmp_path, "a.png", 90, 60, seed=8)
     out = generate.generate(model, tok, "the quick brown fox", images=[f], max_new_tokens=16, seed=4)
     assert model.vision is not None and out != text
-    ids, patches = __import__("images").image_prompt(tok, "the quick brown fox", [f], SETTINGS, model.config, 16)
+    ids, patches = image_prompt(tok, "the quick brown fox", [f], SETTINGS, model.config, 16)
     ref = hf_generate_images(hf, [ids], *stack(patches), 16, 4)
     assert out == tok.decode(tok.split_thought(trim(ref[0, len(ids):].tolist(), generate.settings_for(model))).answer)
     two = generate.generate(model, tok, ["the quick brown fox", "jumps"], images=[[f], []], max_new_tokens=16, seed=4)
