@@ -21,7 +21,8 @@
 //   - every loop bound is a compile-time constant (THREADS, BM, BN, BK), so the loaders unroll;
 //   - int8 and int4 weights travel as they are stored (1/2 and 1/4 of the bytes) and are turned
 //     into bf16 in shared memory, 8 or 16 weights per thread with one scale (and zero) per group,
-//     so the bytes saved become time saved.
+//     by bit patterns rather than int-to-float instructions (see convert), so the bytes saved can
+//     become time saved.
 //
 // Layout of the work:
 //   0. (host side, torch ops, no synchronisation) assignments a = t*K + s are sorted by expert;
@@ -100,6 +101,7 @@ struct Weights {
   const uint8_t* zero;
   int64_t K;
   int group;
+  int group_shift;  // log2(group) for a power of two (a shift, not a division), else -1
 };
 
 // Stage loader for BM activation rows (bf16, row stride ld elements, rows >= valid zero).
@@ -135,29 +137,45 @@ __device__ __forceinline__ void issue_weights(unsigned char* dst, const Weights&
 
 // int8 / int4: the stage's raw bytes -> the bf16 tile (BN rows x BK). int8 exactly (its scale is
 // applied in the epilogue); int4 as (q - zero) * scale rounded to bf16, one scale/zero per 8 weights.
+//
+// The integers become floats by bit patterns, not by the slow conversion instructions (I2F):
+// 0x4B000000 | u is the fp32 2^23 + u for any u < 2^23, so one byte permute (or an OR) and one add
+// give the exact value. int8: b ^ 0x80 = b + 128 unsigned, then - (2^23 + 128). int4: the nibble
+// q, then - (2^23 + zero) = q - zero, exact, times the scale in fp32 and rounded once: the reference's
+// bits (quant.dequantize_int4). Small integers have all their bits in an fp32's high half, so two of
+// them pack into a bf16 pair by one more byte permute (int8; exact).
+__device__ __forceinline__ float int_bits(uint32_t u) { return __uint_as_float(0x4B000000u | u); }  // 2^23 + u
+
 template <int FMT>
 __device__ __forceinline__ void convert(__nv_bfloat16* tile, const unsigned char* raw, const Weights& W, int64_t row0,
                                         int k0) {
   if constexpr (FMT == INT8) {
     for (int i = threadIdx.x; i < BN * (BK / 8); i += THREADS) {  // 8 weights a thread-step
       const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
-      const int2 q = *reinterpret_cast<const int2*>(raw + r * BK + c);
-      const int8_t* b = reinterpret_cast<const int8_t*>(&q);
-      __align__(16) __nv_bfloat16 out[8];
+      const uint2 q = *reinterpret_cast<const uint2*>(raw + r * BK + c);
+      uint32_t out[4];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) out[j] = __float2bfloat16((float)b[j]);  // exact: |q| <= 127
-      *reinterpret_cast<uint4*>(tile + r * LD + c) = *reinterpret_cast<const uint4*>(out);
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t x = (h ? q.y : q.x) ^ 0x80808080u;  // each byte b + 128
+        float f[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(__byte_perm(x, 0x4B000000u, 0x7540 + j)) - 8388736.f;
+        out[2 * h] = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);  // (f0, f1) as bf16
+        out[2 * h + 1] = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);
+      }
+      *reinterpret_cast<uint4*>(tile + r * LD + c) = make_uint4(out[0], out[1], out[2], out[3]);
     }
   } else if constexpr (FMT == INT4) {
     const int groups = W.K / W.group;
     for (int i = threadIdx.x; i < BN * (BK / 8); i += THREADS) {  // 8 weights (4 bytes) a thread-step
       const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
-      const int64_t g = (row0 + r) * groups + (k0 + c) / W.group;  // group % 8 == 0: one group for all 8
-      const float s = __bfloat162float(W.scale[g]), z = (float)W.zero[g];
+      const int k = k0 + c;  // group % 8 == 0: one group for all 8
+      const int64_t g = (row0 + r) * groups + (W.group_shift >= 0 ? k >> W.group_shift : k / W.group);
+      const float s = __bfloat162float(W.scale[g]), z = 8388608.f + (float)W.zero[g];
       const uint32_t q = *reinterpret_cast<const uint32_t*>(raw + r * (BK / 2) + c / 2);
       __align__(16) __nv_bfloat16 out[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) out[j] = __float2bfloat16(((float)((q >> (4 * j)) & 15u) - z) * s);
+      for (int j = 0; j < 8; ++j) out[j] = __float2bfloat16((int_bits((q >> (4 * j)) & 15u) - z) * s);
       *reinterpret_cast<uint4*>(tile + r * LD + c) = *reinterpret_cast<const uint4*>(out);
     }
   }
@@ -320,8 +338,11 @@ __global__ void __launch_bounds__(THREADS) down_kernel(const __nv_bfloat16* __re
 
 static Weights weights_of(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int fmt, int64_t K,
                           int group) {
+  int shift = -1;
+  for (int b = 0; b < 31; ++b)
+    if (group == (1 << b)) shift = b;
   return Weights{w.data_ptr(), fmt == BF16 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
-                 fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group};
+                 fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group, shift};
 }
 
 template <int FMT>
