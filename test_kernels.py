@@ -301,6 +301,10 @@ class StandIn:
     def softcap(self, x, cap):
         return torch.tanh(x.float() / cap) * cap
 
+    def router_tail(self, logits, scale, k):
+        weights, idx = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k=k, dim=-1)
+        return [weights / weights.sum(-1, keepdim=True) * scale[idx], idx]
+
     def fused_moe(self, x, token, assign, weight, offsets, gate_up, _s, _z, down, _ds, _dz, fmt, group, I):
         from moe import expert_mlp
         out = torch.zeros(len(assign), x.shape[1])
@@ -316,6 +320,7 @@ def test_fused_glue_on_a_stand_in_extension(monkeypatch):
     logits; the swap covers the layers and the head, and switching back restores the plain classes."""
     from kvcache import KVCache
     from model import Block, DiffusionGemma, init_weights
+    from moe import Router
     model = init_weights(DiffusionGemma(test_config("test-kernels")), std=0.3, seed=2).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -333,12 +338,14 @@ def test_fused_glue_on_a_stand_in_extension(monkeypatch):
     monkeypatch.setattr(cuda_kernels, "build", lambda *a, **k: StandIn())
     cuda_kernels.swap(model, True)
     assert type(model) is cuda_kernels.FusedHead and all(type(layer) is cuda_kernels.FusedBlock for layer in model.layers)
-    assert all(type(layer.self_attn) is cuda_kernels.GQAAttention for layer in model.layers)
+    assert all(type(layer.self_attn) is cuda_kernels.GQAAttention and type(layer.router) is cuda_kernels.FusedRouter
+               for layer in model.layers)
     fast = logits()
     assert report("stand-in kernels vs plain", fast, plain) < 1e-3  # equal here: the same roundings
     assert (fast.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
     cuda_kernels.swap(model, False)
-    assert type(model) is DiffusionGemma and all(type(layer) is Block for layer in model.layers)
+    assert type(model) is DiffusionGemma and all(type(layer) is Block and type(layer.router) is Router
+                                                 for layer in model.layers)
     assert torch.equal(logits(), plain)
 
 
@@ -374,6 +381,23 @@ def test_norm_rope_equals_plain(d, heads, rope):
     got = cuda_kernels.norm_rope(x, norm, cos, sin)
     assert report(f"norm + rope d={d}", got, ref) < 5e-3
     assert (got != ref).float().mean() < 0.02
+
+
+@gpu
+@pytest.mark.parametrize("E,K", [(128, 8), (8, 2), (200, 3)])
+def test_router_tail_equals_plain(E, K):
+    from moe import Router
+    torch.manual_seed(E)
+    router = Router(256, E, K).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        router.proj.weight.normal_(0, 0.5)
+        router.per_expert_scale.uniform_(0.5, 1.5)
+    h = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    w_ref, i_ref = router(h)
+    w, i = cuda_kernels.route(router, h)
+    same = (i == i_ref).all(dim=-1)
+    assert same.float().mean() > 0.995  # a row may differ only where two probabilities tie in fp32
+    torch.testing.assert_close(w[same], w_ref[same], atol=1e-6, rtol=1e-5)
 
 
 @gpu

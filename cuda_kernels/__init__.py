@@ -5,7 +5,7 @@
   sampler.cu     the sampler's pass over the logits, fused: scaled logits, argmax, entropy, a sample
   rmsnorm.cu     RMSNorm in one pass
   fused_ops.cu   the glue between them in single kernels: a layer's end (three norms, two adds, the
-                 layer scalar), a head's q/k norm with its RoPE, the head's softcap
+                 layer scalar), a head's q/k norm with its RoPE, the router's tail, the head's softcap
   bindings.cpp   their Python bindings
 
 The kernels are built on first use with torch.utils.cpp_extension.load and cached (by default under
@@ -14,6 +14,7 @@ The kernels are built on first use with torch.utils.cpp_extension.load and cache
 How a model is switched to them (use_kernels, the one place): each module's class is swapped for a
 subclass that overrides one method with the kernel, as distributed.py swaps the sharded modules:
 RMSNorm -> FusedRMSNorm (forward), moe.Experts and its subclasses -> FusedExperts (forward),
+moe.Router -> FusedRouter (forward),
 Attention -> GQAAttention or KernelAttention (qkv and attend_canvas, attention.py's seams), model.Block
 -> FusedBlock (combine), model.DiffusionGemma -> FusedHead (logits: model.py's seams). The weights stay
 where they are, the plain classes come back with use_kernels(model, "torch"), and every kernel has
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from attention import Attention, RMSNorm
 from model import Block, DiffusionGemma
-from moe import Experts
+from moe import Experts, Router
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "bindings.cpp", HERE / "fused_moe.cu", HERE / "attention.cu", HERE / "sampler.cu", HERE / "rmsnorm.cu",
@@ -200,6 +201,16 @@ def fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return q, k, self.v_norm(v).transpose(1, 2)
 
 
+def route(router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.Router.forward with its tail (softmax, top-k, renormalisation, per-expert scale) in one
+    kernel: h (T, D) bf16 -> weights (T, K) fp32, expert ids (T, K) int64."""
+    logits = router.proj(router.norm(h) * router.scale * router.scalar_root_size)
+    if logits.dtype != torch.bfloat16 or logits.shape[-1] > 256 or router.top_k > 8:
+        return Router.forward(router, h)  # what the kernel does not take
+    weights, idx = build().router_tail(logits.contiguous(), router.per_expert_scale.to(logits.dtype), router.top_k)
+    return weights, idx
+
+
 def softcap_logits(model, h: torch.Tensor) -> torch.Tensor:
     """model.DiffusionGemma.logits with the softcap in one pass: the head's bf16 output read once
     (the kernel takes 8 logits at a time; other counts take the plain path)."""
@@ -243,6 +254,13 @@ class KernelAttention(Attention):
         return canvas_attention(q, k_cache, v_cache, k_new, v_new, valid)
 
 
+class FusedRouter(Router):
+    """moe.Router with the softmax, top-k and weights of its tail in one kernel (fused_ops.cu)."""
+
+    def forward(self, h):
+        return route(self, h)
+
+
 class FusedBlock(Block):
     """model.Block with its end (norms, adds, layer scalar) in one kernel (fused_ops.cu)."""
 
@@ -257,7 +275,7 @@ class FusedHead(DiffusionGemma):
         return softcap_logits(self, h)
 
 
-FAST = {RMSNorm: FusedRMSNorm, Experts: FusedExperts, Block: FusedBlock, DiffusionGemma: FusedHead}
+FAST = {RMSNorm: FusedRMSNorm, Experts: FusedExperts, Router: FusedRouter, Block: FusedBlock, DiffusionGemma: FusedHead}
 _made: dict[tuple, type] = {}  # (plain class, fast base) -> the class with the fast method first
 
 
@@ -278,8 +296,8 @@ def plain_class(cls: type) -> type:
     for (plain, _), made in _made.items():
         if made is cls:
             return plain
-    return cls.__mro__[1] if cls in (FusedRMSNorm, FusedExperts, GQAAttention, KernelAttention, FusedBlock,
-                                     FusedHead) else cls
+    return cls.__mro__[1] if cls in (FusedRMSNorm, FusedExperts, FusedRouter, GQAAttention, KernelAttention,
+                                     FusedBlock, FusedHead) else cls
 
 
 # ---- choosing a path --------------------------------------------------------------------------
@@ -345,5 +363,5 @@ def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> st
     swap(model, path == "cuda", attention_kernel)
     if path != "cuda":
         return f"kernels: torch ({why})"
-    return (f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, norm + RoPE, layer end, softcap, sampler; canvas attention: "
-            f"{'kernel' if attention_kernel else 'SDPA'})")
+    return (f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, norm + RoPE, router, layer end, softcap, sampler; "
+            f"canvas attention: {'kernel' if attention_kernel else 'SDPA'})")

@@ -13,6 +13,7 @@ at::Tensor post_ffn(at::Tensor h, at::Tensor dense, at::Tensor routed, at::Tenso
                     at::Tensor scalar, double eps);
 at::Tensor qk_norm_rope(at::Tensor x, at::Tensor w, at::Tensor cos, at::Tensor sin, double eps);
 at::Tensor softcap(at::Tensor x, double cap);
+std::vector<at::Tensor> router_tail(at::Tensor logits, at::Tensor expert_scale, int64_t k);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &fused_moe, "grouped expert MLP over assignments sorted by expert (fused_moe.cu)");
@@ -21,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (rmsnorm.cu)");
   m.def("post_ffn", &post_ffn, "a layer's end: three norms, two adds, the layer scalar (fused_ops.cu)");
   m.def("qk_norm_rope", &qk_norm_rope, "a head's RMSNorm and RoPE (fused_ops.cu)");
+  m.def("router_tail", &router_tail, "the router's softmax, top-k, renormalisation and per-expert scale (fused_ops.cu)");
   m.def("softcap", &softcap, "the head's tanh softcap, bf16 in, fp32 out (fused_ops.cu)");
 }

@@ -8,15 +8,21 @@
 //   qk_norm_rope  y = RoPE(N(x)) for each head of q or k                   attention.Attention.qkv
 //                   RoPE(n) = n * cos + rotate_half(n) * sin, half-split pairs (i, i + d/2)
 //   softcap       logits = tanh(x / cap) * cap, bf16 in, fp32 out          model.DiffusionGemma.logits
+//   router_tail   p = softmax(logits) in fp32; the top k of p, largest first (ties: the lower
+//                 expert); w = p_top / sum(p_top) * per_expert_scale[top]  moe.Router.forward
 // Every intermediate is rounded to bf16 exactly where the plain path rounds it (each PyTorch bf16 op
 // computes in fp32 and rounds its result), so what differs from the plain path is only the order of
-// the sums of squares and rsqrt's last bit, as in rmsnorm.cu.
+// the sums (of squares, of the softmax) and rsqrt's last bit, as in rmsnorm.cu; and which of two
+// experts with the same probability comes first.
 //
 // Algorithms: post_ffn, one block per row, each thread 8 consecutive values, three block reductions
 // (the two inner norms together, then the outer); qk_norm_rope, one warp per head row, each lane 8
-// values of the first half and their 8 partners of the second; softcap, 8 values per thread.
+// values of the first half and their 8 partners of the second; softcap, 8 values per thread;
+// router_tail, one warp per token: each lane holds E/32 probabilities, k rounds of a warp arg-max.
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -153,6 +159,55 @@ __global__ void softcap_kernel(const bf16* __restrict__ x, float* __restrict__ y
   }
 }
 
+constexpr int MAX_PER_LANE = 8;  // router_tail: up to 256 experts
+
+__global__ void __launch_bounds__(32 * WARPS)
+    router_tail_kernel(const bf16* __restrict__ logits, const bf16* __restrict__ expert_scale,
+                       float* __restrict__ weights, int64_t* __restrict__ idx, int64_t T, int E, int K) {
+  const int64_t t = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, per = (E + 31) / 32;
+  if (t >= T) return;  // a whole warp leaves together
+  float p[MAX_PER_LANE];
+  float m = -INFINITY;
+  for (int j = 0; j < per; ++j) {  // expert lane + 32 j (none past E)
+    const int e = lane + 32 * j;
+    p[j] = e < E ? __bfloat162float(logits[t * E + e]) : -INFINITY;
+    m = fmaxf(m, p[j]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+  float sum = 0.f;
+  for (int j = 0; j < per; ++j) sum += lane + 32 * j < E ? expf(p[j] - m) : 0.f;
+  sum = warp_sum(sum);
+  for (int j = 0; j < per; ++j)  // the softmax, in fp32; -1 past E: never picked
+    p[j] = lane + 32 * j < E ? expf(p[j] - m) / sum : -1.f;
+  float picked = 0.f, mine[MAX_PER_LANE];
+  int mine_e[MAX_PER_LANE];
+  for (int k = 0; k < K; ++k) {
+    float best = -1.f;
+    int best_e = E;
+    for (int j = 0; j < per; ++j) {
+      const int e = lane + 32 * j;
+      if (p[j] > best || (p[j] == best && e < best_e)) best = p[j], best_e = e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {  // the warp's largest, the lower expert on a tie
+      const float ob = __shfl_xor_sync(0xffffffff, best, o);
+      const int oe = __shfl_xor_sync(0xffffffff, best_e, o);
+      if (ob > best || (ob == best && oe < best_e)) best = ob, best_e = oe;
+    }
+    if (best_e % 32 == lane) p[best_e / 32] = -2.f;  // taken: below every probability and past E
+    if (k < MAX_PER_LANE) mine[k] = best, mine_e[k] = best_e;
+    picked += best;
+  }
+  if (lane == 0) {
+    for (int k = 0; k < K; ++k) {
+      weights[t * K + k] = mine[k] / picked * __bfloat162float(expert_scale[mine_e[k]]);
+      idx[t * K + k] = mine_e[k];
+    }
+  }
+}
+
 void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name, ": contiguous CUDA bf16");
 }
@@ -220,4 +275,26 @@ at::Tensor softcap(at::Tensor x, double cap) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return y;
+}
+
+// logits (T, E) bf16, E up to 256; expert_scale (E,) bf16; k <= 8 ->
+// weights (T, k) fp32 and expert ids (T, k) int64, as moe.Router.forward returns them.
+std::vector<at::Tensor> router_tail(at::Tensor logits, at::Tensor expert_scale, int64_t k) {
+  check_bf16(logits, "router_tail's logits");
+  check_bf16(expert_scale, "router_tail's per-expert scale");
+  const int64_t T = logits.size(0);
+  const int E = logits.size(1);
+  TORCH_CHECK(logits.dim() == 2 && E <= 32 * MAX_PER_LANE && expert_scale.numel() == E,
+              "router_tail: logits (T, E), E up to 256, one scale per expert");
+  TORCH_CHECK(k >= 1 && k <= MAX_PER_LANE && k <= E, "router_tail: 1 <= k <= 8");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
+  auto idx = at::empty({T, k}, logits.options().dtype(at::kLong));
+  if (T > 0) {
+    router_tail_kernel<<<(T + WARPS - 1) / WARPS, 32 * WARPS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const bf16*>(logits.data_ptr()), reinterpret_cast<const bf16*>(expert_scale.data_ptr()),
+        weights.data_ptr<float>(), idx.data_ptr<int64_t>(), T, E, static_cast<int>(k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {weights, idx};
 }
