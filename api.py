@@ -10,15 +10,19 @@ thought as reasoning_content, tool calls parsed from the model's own notation, f
     api.batcher.submit(req); print(api.reply(req, how, req.wait())["choices"][0]["text"]); api.batcher.stop()
 """
 
+import base64
+import binascii
+import io
 import json
 import secrets
 import time
 import uuid
 
 from batcher import Batcher, Request
+from checkpoint import vision_config
 from editing import FILL, Canvas, parse_infill, parse_pin, parse_template
 from hfconfig import CheckpointError
-from images import ImageError, read_image
+from images import ImageError, image_patches, image_settings, place_images, read_image
 from sampler import RequestError, check_context
 
 
@@ -137,18 +141,15 @@ class Api:
 
     def image_settings(self):
         """The checkpoint's image settings; a 400 when it has no vision tower."""
-        from checkpoint import vision_config
-        from images import image_settings
         path = getattr(self.model, "checkpoint_dir", None)
         try:
             vision_config(path, self.model.config)
-            return image_settings(path, self.model.config.passthrough)
+            return image_settings(path, self.model.config)
         except CheckpointError as e:
             raise ApiError(400, f"this model cannot take images: {e}", "messages") from None
 
     def place(self, pictures: list, ids: list[int], s) -> tuple[list, list[int]]:
         """The images' patches, and ids with each image token expanded to the image's soft tokens."""
-        from images import image_patches, place_images
         patches = [image_patches(p, s) for p in pictures]
         try:
             return patches, place_images(ids, [p.n_soft for p in patches], s)
@@ -302,9 +303,6 @@ def images_of(messages) -> tuple[list, list]:
     """messages with their image parts as chat templates take them ({"type": "image"}), and the
     images (PIL, RGB) in order. An image part is OpenAI's {"type": "image_url", "image_url": {"url":
     "data:image/...;base64,..."}} (this server reads no URL off the network)."""
-    import base64
-    import binascii
-    import io
     if not isinstance(messages, list):
         return messages, []
     out, pictures = [], []

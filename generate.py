@@ -98,21 +98,15 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[str], *, max_new_to
     is left out of the text; return_thought: (answer, thought)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     settings = settings_for(model, max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound)
-    per_prompt = None if images is None else [images] if isinstance(prompt, str) else list(images)
-    if per_prompt is not None and (len(per_prompt) != len(prompts) or json_schema is not None):
+    per_prompt = [[]] * len(prompts) if images is None else [images] if isinstance(prompt, str) else list(images)
+    if images is not None and (len(per_prompt) != len(prompts) or json_schema is not None):
         raise RequestError("images: one list of images per prompt" if json_schema is None else
                            "json_schema does not take images")
-    if per_prompt is None:
-        ids = [encode_prompt(tokenizer, p, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
-                             system=system) for p in prompts]
-        soft = None
-    else:
-        s = image_settings(checkpoint_of(model), model.config.passthrough) if any(per_prompt) else None
-        pairs = [image_prompt(tokenizer, p, ims, s, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
-                              system=system) if ims else
-                 (encode_prompt(tokenizer, p, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
-                                system=system), []) for p, ims in zip(prompts, per_prompt)]
-        ids, soft = [i for i, _ in pairs], [embed_images(model, ps) if ps else None for _, ps in pairs]
+    s = image_settings(checkpoint_of(model), model.config) if any(per_prompt) else None
+    pairs = [image_prompt(tokenizer, p, ims, s, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
+                          system=system) for p, ims in zip(prompts, per_prompt)]
+    ids = [i for i, _ in pairs]
+    soft = [embed_images(model, ps) if ps else None for _, ps in pairs] if any(per_prompt) else None
     if json_schema is not None:
         from editing import generate_json
         out = [generate_json(model, tokenizer, p, json_schema, settings, seed=seed or 0).text.rstrip() for p in ids]

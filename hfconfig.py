@@ -20,7 +20,7 @@ from quant import FORMAT as QUANT_FORMAT
 from sampler import GenerationSettings, SamplerSettings
 
 MODEL_TYPE = "diffusion_gemma"
-PASSTHROUGH = ("vision_config", "boi_token_id", "eoi_token_id", "image_token_id", "vision_soft_tokens_per_image")
+PASSTHROUGH = ("vision_config", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
 # transformers cannot build DiffusionGemma without a vision config; a checkpoint trained here has no
 # vision tower, so it names the smallest one (transformers initialises it at load; text never uses it)
 MINIMAL_VISION_CONFIG = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32,

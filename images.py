@@ -63,9 +63,10 @@ class Patches:
     size: tuple[int, int]  # (height, width) after the resize
 
 
-def image_settings(path: Path, passthrough: dict) -> ImageSettings:
+def image_settings(path: Path, config) -> ImageSettings:
     """A checkpoint's settings: its preprocessor_config.json (or processor_config.json's
-    image_processor), else its config.json (passthrough: DiffusionGemmaConfig.passthrough)."""
+    image_processor), else its config.json (config: its DiffusionGemmaConfig)."""
+    passthrough = config.passthrough
     vision = passthrough.get("vision_config") or {}
     d = {"patch_size": vision.get("patch_size"), "pooling_kernel_size": vision.get("pooling_kernel_size"),
          "max_soft_tokens": passthrough.get("vision_soft_tokens_per_image")}
@@ -74,7 +75,7 @@ def image_settings(path: Path, passthrough: dict) -> ImageSettings:
             found = read_json(Path(path) / name)
             d.update((found.get(key) or {}) if key else found)
             break
-    d.update({k: passthrough.get(k) for k in ("image_token_id", "boi_token_id", "eoi_token_id")})
+    d.update(image_token_id=config.image_token_id, **{k: passthrough.get(k) for k in ("boi_token_id", "eoi_token_id")})
     s = ImageSettings(**{k: v for k, v in d.items() if k in ImageSettings.__dataclass_fields__ and v is not None})
     if s.max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise CheckpointError(f"{path}: max_soft_tokens {s.max_soft_tokens} is not one of "
@@ -190,7 +191,9 @@ def image_prompt(tok, text: str, images: list, s: ImageSettings, config, max_new
     """The token ids of a prompt with images (file paths or PIL images) and their patches: in the
     chat format the images come before the text; a raw prompt writes <|image|> where each goes.
     ImageError for an image that cannot be used or a prompt with no place for it; RequestError
-    (sampler) when the images make the prompt too long for the model."""
+    (sampler) when the images make the prompt too long for the model. No images: encode_prompt's ids."""
+    if not images:
+        return encode_prompt(tok, text, config, max_new_tokens, raw=raw, thinking=thinking, system=system, name=name), []
     patches = [image_patches(im if not isinstance(im, (str, Path)) else read_image(im), s) for im in images]
     ids = encode_prompt(tok, text, config, max_new_tokens, raw=raw, thinking=thinking, system=system, name=name,
                         images=len(images))

@@ -115,7 +115,7 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, 
         from images import ImageError, image_prompt, image_settings
         prompt = "Describe this image." if args.prompt is None else args.prompt
         try:
-            ids, job.images = image_prompt(tok, prompt, args.image, image_settings(path, config.passthrough), config,
+            ids, job.images = image_prompt(tok, prompt, args.image, image_settings(path, config), config,
                                            settings.max_new_tokens, raw=args.raw, thinking=args.thinking,
                                            system=args.system)
         except ImageError as e:

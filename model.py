@@ -285,12 +285,15 @@ class DiffusionGemma(nn.Module):
         B, S = ids.shape
         cache.extend_valid(valid, B, S, ids.device)
         positions = cache.positions(S, ids.device)  # (1, S)
-        h, blocks = self.embed(ids), None
-        if images is not None:
+        if images is None:
+            h, blocks = self.embed(ids), None
+        else:
             where, soft = images
-            h = self.embed(ids.masked_fill(where, self.config.pad_token_id)).masked_scatter(where[..., None], soft.to(h.dtype))
-            starts = where & ~F.pad(where[:, :-1], (1, 0), value=False)  # the first token of each image
+            h = self.embed(ids.masked_fill(where, self.config.pad_token_id))
+            h = h.masked_scatter(where[..., None], soft.to(h.dtype))
+            blocks = None
             if self.config.bidirectional_images:
+                starts = where & ~F.pad(where[:, :-1], (1, 0), value=False)  # the first token of each image
                 blocks = torch.where(where, starts.long().cumsum(dim=1) - 1, -1)  # (B, S): image number, text -1
         masks = [causal_mask(cache, i, S, layer.sliding_window, ids.device, blocks) for i, layer in enumerate(self.layers)]
         h = self.run_layers(h, positions, cache, masks, "causal")

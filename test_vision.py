@@ -64,10 +64,10 @@ def test_patches_at_the_released_budget():
 def test_settings_read_from_the_checkpoint(vision_ckpt, tmp_path):
     path, _ = vision_ckpt
     from hfconfig import read_config
-    assert image_settings(path, read_config(path).passthrough) == SETTINGS
+    assert image_settings(path, read_config(path)) == SETTINGS
     bare = copy_checkpoint(path, tmp_path / "c")
     (bare / "preprocessor_config.json").unlink()  # then config.json's vision_config: patch 4, k 3
-    s = image_settings(bare, read_config(bare).passthrough)
+    s = image_settings(bare, read_config(bare))
     assert (s.patch_size, s.pooling_kernel_size, s.image_token_id) == (4, 3, 301)
 
 

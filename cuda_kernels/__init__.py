@@ -204,9 +204,9 @@ def fused_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 def route(router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """moe.Router.forward with its tail (softmax, top-k, renormalisation, per-expert scale) in one
     kernel: h (T, D) bf16 -> weights (T, K) fp32, expert ids (T, K) int64."""
-    logits = router.proj(router.norm(h) * router.scale * router.scalar_root_size)
-    if logits.dtype != torch.bfloat16 or logits.shape[-1] > 256 or router.top_k > 8:
+    if h.dtype != torch.bfloat16 or router.proj.out_features > 256 or router.top_k > 8:
         return Router.forward(router, h)  # what the kernel does not take
+    logits = router.proj(router.norm(h) * router.scale * router.scalar_root_size)
     weights, idx = build().router_tail(logits.contiguous(), router.per_expert_scale.to(logits.dtype), router.top_k)
     return weights, idx
 
@@ -214,11 +214,9 @@ def route(router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def softcap_logits(model, h: torch.Tensor) -> torch.Tensor:
     """model.DiffusionGemma.logits with the softcap in one pass: the head's bf16 output read once
     (the kernel takes 8 logits at a time; other counts take the plain path)."""
-    x = F.linear(h, model.embedding_matrix())
-    if x.numel() % 8 or x.dtype != torch.bfloat16:
-        cap = model.config.final_logit_softcapping
-        return torch.tanh(x.float() / cap) * cap
-    return build().softcap(x.contiguous(), model.config.final_logit_softcapping)
+    if h.dtype != torch.bfloat16 or (h.numel() // h.shape[-1] * model.config.vocab_size) % 8:
+        return DiffusionGemma.logits(model, h)
+    return build().softcap(F.linear(h, model.embedding_matrix()).contiguous(), model.config.final_logit_softcapping)
 
 
 # ---- the modules that use them ---------------------------------------------------------------
