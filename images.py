@@ -194,7 +194,7 @@ def image_prompt(tok, text: str, images: list, s: ImageSettings, config, max_new
     (sampler) when the images make the prompt too long for the model. No images: encode_prompt's ids."""
     if not images:
         return encode_prompt(tok, text, config, max_new_tokens, raw=raw, thinking=thinking, system=system, name=name), []
-    patches = [image_patches(im if not isinstance(im, (str, Path)) else read_image(im), s) for im in images]
+    patches = [image_patches(read_image(im) if isinstance(im, (str, Path)) else im.convert("RGB"), s) for im in images]
     ids = encode_prompt(tok, text, config, max_new_tokens, raw=raw, thinking=thinking, system=system, name=name,
                         images=len(images))
     ids = place_images(ids, [p.n_soft for p in patches], s)

@@ -208,6 +208,8 @@ def test_python_api_equals_transformers(vision_ckpt, tmp_path):
     assert out == tok.decode(tok.split_thought(trim(ref[0, len(ids):].tolist(), generate.settings_for(model))).answer)
     two = generate.generate(model, tok, ["the quick brown fox", "jumps"], images=[[f], []], max_new_tokens=16, seed=4)
     assert two[0] == out  # per-prompt images; the text does not depend on the batch
+    rgba = read_image(f).convert("RGBA")  # a PIL image of another mode is taken as RGB, as transformers does
+    assert generate.generate(model, tok, "the quick brown fox", images=[rgba], max_new_tokens=16, seed=4) == out
 
 
 def test_command_line_with_images(vision_ckpt, tmp_path):
