@@ -6,14 +6,15 @@ thought as reasoning_content, tool calls parsed from the model's own notation, f
     import torch; from api import Api; from batcher import Batcher; from generate import load
     model, tok = load("weights-code", "cpu", torch.float32)
     api = Api(model, tok, "weights-code", Batcher(model), api_key=None, max_tokens=4096)
-    req, how = api.completion({"prompt": "def f(x):", "max_tokens": 8, "seed": 0})
-    api.batcher.submit(req); print(api.reply(req, how, req.wait())["choices"][0]["text"]); api.batcher.stop()
+    reqs, how = api.completion({"prompt": "def f(x):", "max_tokens": 8, "seed": 0})
+    api.batcher.submit(reqs[0]); print(api.reply(reqs, how, api.wait(reqs))["choices"][0]["text"]); api.batcher.stop()
 """
 
 import base64
 import binascii
 import io
 import json
+import queue
 import secrets
 import time
 import uuid
@@ -23,7 +24,9 @@ from checkpoint import vision_config
 from editing import FILL, Canvas, parse_infill, parse_pin, parse_template
 from hfconfig import CheckpointError
 from images import ImageError, image_patches, image_settings, place_images, read_image
+from request import check_chat, check_text_model
 from sampler import RequestError, check_context
+from tokenizer import ChatFormat
 
 
 class ApiError(Exception):
@@ -70,6 +73,56 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(ends)], True) if ends else (text, False)
 
 
+# OpenAI's sampling fields this sampler has no use for, with their neutral values (accepted), and why
+# any other value is refused: a field the model cannot honour is never silently ignored
+UNSUPPORTED = {
+    "top_p": (1, "a canvas is sampled from the whole distribution at a scheduled temperature: use temperature, or "
+                 "diffusion.entropy_bound (lower: fewer uncertain tokens kept per step)"),
+    "logprobs": (False, "a committed token is the argmax of the last of several refining steps, with no single "
+                        "probability of being sampled to report"),
+    "top_logprobs": (0, "a committed token is the argmax of the last of several refining steps, with no single "
+                        "probability of being sampled to report"),
+    "presence_penalty": (0, "every token of a canvas is decided together: there is no running count to penalise"),
+    "frequency_penalty": (0, "every token of a canvas is decided together: there is no running count to penalise"),
+    "logit_bias": ({}, "fix tokens with diffusion.pins, or restrict them with response_format"),
+    "best_of": (1, "use n, and choose among the choices"),
+}
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (each with n choices)
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field of UNSUPPORTED set to anything but its neutral value (or null)."""
+    for name, (neutral, why) in UNSUPPORTED.items():
+        v = body.get(name)
+        if v is None or (v == neutral and isinstance(v, bool) == isinstance(neutral, bool)):
+            continue
+        raise ApiError(400, f"{name} {json.dumps(v)[:40]} is not supported: {why}", name)
+
+
+def completion_prompts(prompt, vocab_size: int) -> list:
+    """OpenAI's forms of a completion prompt as a list of prompts, each a string or a list of token
+    ids: a string, a list of strings, a list of token ids, or a list of lists of token ids."""
+    def ids_ok(x):
+        return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str) or ids_ok(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids_ok(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "prompt must be a non-empty string, a list of strings, a list of token ids, or a list "
+                       "of lists of token ids", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} a request", "prompt")
+    for i, p in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str) and not p:
+            raise ApiError(400, f"{where} is empty", "prompt")
+        if not isinstance(p, str) and not all(0 <= t < vocab_size for t in p):
+            raise ApiError(400, f"{where} holds a token id outside 0..{vocab_size - 1}", "prompt")
+    return prompts
+
+
 class Api:
     """What the endpoints share: the model, its tokenizer and defaults, the worker."""
 
@@ -77,12 +130,21 @@ class Api:
         self.model, self.tok, self.name, self.batcher = model, tok, name, batcher
         self.api_key, self.max_tokens, self.created = api_key, max_tokens, int(time.time())
 
-    def request(self, body: dict, ids: list[int], max_tokens: int, canvas: Canvas | None = None) -> Request:
-        """The worker's Request: the settings, the diffusion extension, the seed, the checks."""
+    def request(self, body: dict, ids: list[int], max_tokens: int, canvas: Canvas | None = None, *,
+                prompt_field: str = "prompt", events: queue.Queue | None = None, first_choice: int = 0) -> Request:
+        """The worker's Request: the settings, the diffusion extension, the seed, the checks.
+        prompt_field: what a prompt too long for the model is blamed on; events: a queue shared with
+        the request's other prompts, whose choices start at first_choice."""
         ext = field(body, "diffusion", dict, {})
+        temperature = field(body, "temperature", float, None, 0, 2)
+        if temperature == 0:
+            raise ApiError(400, "temperature must be greater than 0: it scales the checkpoint's temperature schedule "
+                           "(1, the default, keeps it); for more certain text lower it, or diffusion.entropy_bound",
+                           "temperature")
         settings = self.model.generation_settings.copy(
             max_new_tokens=max_tokens, steps=field(ext, "steps", int, None, 1, 1024, where="diffusion."),
-            entropy_bound=field(ext, "entropy_bound", float, None, 1e-6, 1e6, where="diffusion."))
+            entropy_bound=field(ext, "entropy_bound", float, None, 1e-6, 1e6, where="diffusion."),
+            temperature=temperature)
         if canvas is None and field(ext, "template", str) is not None:  # the answer is the template, filled
             canvas = parse_template(self.tok, ext["template"], field(ext, "hole", str, "_", where="diffusion."))
         pins = {}
@@ -99,10 +161,16 @@ class Api:
         try:
             check_context(self.model.config, len(ids), settings.max_new_tokens)
         except RequestError as e:
-            raise ApiError(400, str(e), "max_tokens") from None
-        seed = field(body, "seed", int, secrets.randbelow(2 ** 31), -2 ** 63, 2 ** 63 - 1)
-        return Request(ids, settings, seed, field(body, "n", int, 1, 1, 16), pins or None,
-                       bool(field(ext, "stream_canvas", bool, False)), field(ext, "cache_prompt", bool, True))
+            raise ApiError(400, str(e), prompt_field) from None
+        seed = field(body, "seed", int, None, -2 ** 63, 2 ** 63 - 1)
+        if seed is None:  # one random seed for all of a request's prompts, chosen once
+            seed = body["seed"] = secrets.randbelow(2 ** 31)
+        req = Request(ids, settings, seed, field(body, "n", int, 1, 1, 16), pins or None,
+                      bool(field(ext, "stream_canvas", bool, False)), field(ext, "cache_prompt", bool, True),
+                      first_choice=first_choice)
+        if events is not None:
+            req.events = events
+        return req
 
     def budget(self, body: dict, *names, default: int) -> int:
         for n in names:
@@ -110,16 +178,23 @@ class Api:
                 return field(body, n, int, None, 0 if n == "n_predict" else 1, self.max_tokens)
         return default
 
-    def chat(self, body: dict) -> tuple[Request, dict]:
-        """/v1/chat/completions: the Request, and how to build its reply."""
+    def chat(self, body: dict) -> tuple[list[Request], dict]:
+        """/v1/chat/completions: the Request (in a list, as every endpoint gives them), and how to
+        build its reply."""
         tools = field(body, "tools", list)
         if tools is not None and body.get("tool_choice") == "none":
             tools = None
         kwargs = field(body, "chat_template_kwargs", dict, {})
         thinking = bool(field(body, "thinking", bool, False) or kwargs.get("enable_thinking")
                         or body.get("reasoning_effort") not in (None, "none"))
+        refuse_unsupported(body)
         messages, pictures = images_of(field(body, "messages", list, []))
         settings = self.image_settings() if pictures else None
+        try:
+            check_chat(self.tok, self.name, ChatFormat(thinking=thinking), conversation=True,
+                       instead="this server's /v1/completions (a raw prompt, a suffix) and /infill take plain text")
+        except RequestError as e:
+            raise ApiError(400, str(e), "messages") from None
         try:
             ids = self.tok.apply_chat_template(messages, thinking=thinking, tools=tools)
         except (RequestError, CheckpointError) as e:
@@ -127,7 +202,7 @@ class Api:
         patches, ids = self.place(pictures, ids, settings) if pictures else (None, ids)
         max_tokens = self.budget(body, "max_completion_tokens", "max_tokens",
                                  default=self.model.generation_settings.max_new_tokens)
-        req = self.request(body, ids, max_tokens)
+        req = self.request(body, ids, max_tokens, prompt_field="messages")
         if patches:  # the same token ids may stand for other images: never from or into the prefix cache
             if body.get("response_format") is not None:
                 raise ApiError(400, "response_format does not take images yet", "response_format")
@@ -137,7 +212,7 @@ class Api:
         if tools and body.get("response_format") is not None:
             raise ApiError(400, "response_format does not go with tools: the schema lays out the whole answer",
                            "response_format")
-        return req, self.with_schema(body, req, how)
+        return [req], self.with_schema(body, [req], how)
 
     def image_settings(self):
         """The checkpoint's image settings; a 400 when it has no vision tower."""
@@ -146,7 +221,7 @@ class Api:
             vision_config(path, self.model.config)
             return image_settings(path, self.model.config)
         except CheckpointError as e:
-            raise ApiError(400, f"this model cannot take images: {e}", "messages") from None
+            raise ApiError(400, str(e), "messages") from None
 
     def place(self, pictures: list, ids: list[int], s) -> tuple[list, list[int]]:
         """The images' patches, and ids with each image token expanded to the image's soft tokens."""
@@ -156,14 +231,16 @@ class Api:
         except ImageError as e:
             raise ApiError(400, f"{e} (the chat template placed them)", "messages") from None
 
-    def with_schema(self, body: dict, req: Request, how: dict) -> dict:
-        """With a response_format that asks for JSON, the request becomes a job (json_job)."""
+    def with_schema(self, body: dict, reqs: list[Request], how: dict) -> dict:
+        """With a response_format that asks for JSON, each request becomes a job (json_job)."""
         schema = self.response_schema(body)
         if schema is not None:
-            if req.pins:
-                raise ApiError(400, "response_format does not go with a suffix or diffusion pins/template: the schema "
-                               "lays out the whole answer", "response_format")
-            req.job, how["max"] = self.json_job(req, schema), float("inf")
+            for req in reqs:
+                if req.pins:
+                    raise ApiError(400, "response_format does not go with a suffix or diffusion pins/template: the "
+                                   "schema lays out the whole answer", "response_format")
+                req.job = self.json_job(req, schema)
+            how["max"] = float("inf")
         return how
 
     def response_schema(self, body: dict) -> dict | None:
@@ -186,9 +263,9 @@ class Api:
         return schema
 
     def json_job(self, req: Request, schema: dict):
-        """The batcher's job for a JSON Schema: req.n values, each editing.generate_json's (checked now:
+        """The batcher's job for a JSON Schema: req.n values, each editing.fill_json's (checked now:
         an unsupported keyword, or a canvas longer than the context, is a 400)."""
-        from editing import generate_json
+        from editing import fill_json
         from structured import SchemaError, build, check_schema, token_sets
         try:
             check_schema(schema)
@@ -200,33 +277,37 @@ class Api:
             raise ApiError(400, str(e), "messages") from None
 
         def job(**fast) -> dict:
-            out = [generate_json(self.model, self.tok, req.prompt, schema, req.settings, seed=req.seed + i, **fast)
+            out = [fill_json(self.model, self.tok, req.prompt, schema, req.settings, seed=req.seed + i, **fast)
                    for i in range(req.n)]
             return {"tokens": [f.tokens for f in out], "steps": [k for f in out for k in f.steps],
                     "repair_rounds": [f.rounds for f in out]}
         return job
 
-    def completion(self, body: dict) -> tuple[Request, dict]:
-        """/v1/completions (with `suffix`: the gap filled): the Request, and how to build its reply."""
-        prompt = body.get("prompt")
-        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "prompt must be a non-empty string", "prompt")
+    def completion(self, body: dict) -> tuple[list[Request], dict]:
+        """/v1/completions (with `suffix`: the gap filled): a Request per prompt, and how to build
+        the reply. Each prompt gets what it would get alone with the same seed; prompt k's choices
+        are k * n ... k * n + n - 1."""
+        refuse_unsupported(body)
+        check_text_model(self.tok, self.name)
+        prompts = completion_prompts(body.get("prompt"), self.model.config.vocab_size)
         suffix = field(body, "suffix", str)
         max_tokens = self.budget(body, "max_tokens", default=16)
-        canvas = None
-        if suffix:  # the gap: max_tokens free positions, then the suffix pinned
-            ids, canvas = parse_infill(self.tok, prompt.replace(FILL, "") + FILL + suffix, max_tokens)
-        else:
-            ids = self.tok.encode_raw(prompt)
-        echo = prompt if field(body, "echo", bool, False) else ""
-        req = self.request(body, ids, max_tokens, canvas)
-        how = {"kind": "completion", "stops": stops_of(body), "fill": max_tokens if suffix else None, "echo": echo,
-               "max": max_tokens, "id": "cmpl-" + uuid.uuid4().hex[:24]}
-        return req, self.with_schema(body, req, how)
+        n, events, reqs, echoes = field(body, "n", int, 1, 1, 16), queue.Queue(), [], []
+        for k, prompt in enumerate(prompts):
+            text = prompt if isinstance(prompt, str) else self.tok.decode(prompt)
+            canvas = None
+            if suffix:  # the gap: max_tokens free positions, then the suffix pinned
+                ids, canvas = parse_infill(self.tok, text.replace(FILL, "") + FILL + suffix, max_tokens)
+            else:
+                ids = self.tok.encode_raw(prompt) if isinstance(prompt, str) else list(prompt)
+            reqs.append(self.request(body, ids, max_tokens, canvas, events=events, first_choice=k * n))
+            echoes.append(text if field(body, "echo", bool, False) else "")
+        how = {"kind": "completion", "stops": stops_of(body), "fill": max_tokens if suffix else None, "echo": echoes,
+               "n": n, "max": max_tokens, "id": "cmpl-" + uuid.uuid4().hex[:24]}
+        return reqs, self.with_schema(body, reqs, how)
 
-    def infill(self, body: dict) -> tuple[Request, dict]:
-        """llama.cpp's /infill: the Request, and how to build its reply."""
+    def infill(self, body: dict) -> tuple[list[Request], dict]:
+        """llama.cpp's /infill: the Request (in a list), and how to build its reply."""
         extra = field(body, "input_extra", list, [])
         if not all(isinstance(x, dict) and isinstance(x.get("text", ""), str) for x in extra):
             raise ApiError(400, "input_extra must be a list of {filename, text}", "input_extra")
@@ -235,13 +316,16 @@ class Api:
         n = body.get("n_predict")
         n = 16 if n is None or (isinstance(n, int) and n < 0) else self.budget(body, "n_predict", default=16)
         suffix = field(body, "input_suffix", str, "")
-        ids, canvas = parse_infill(self.tok, (left or "\n").replace(FILL, "") + FILL + suffix.replace(FILL, ""), max(n, 1))
+        check_text_model(self.tok, self.name)
+        # an empty left side (the top of a file) is a gap after <bos> alone, as llama.cpp answers it
+        ids, canvas = parse_infill(self.tok, left.replace(FILL, "") + FILL + suffix.replace(FILL, ""), max(n, 1))
         ext = {**field(body, "diffusion", dict, {}), "cache_prompt": field(body, "cache_prompt", bool, True)}
-        req = self.request(dict(body, diffusion=ext), ids, max(n, 1), canvas)
+        req = self.request(dict(body, diffusion=ext), ids, max(n, 1), canvas, prompt_field="input_prefix")
         if n == 0:  # llama.vim's warm-up: read the prompt into the cache, generate nothing
             req.settings = req.settings.copy()
             req.settings.max_new_tokens = 0
-        return req, {"kind": "infill", "stops": [], "fill": n, "max": n, "id": "infill-" + uuid.uuid4().hex[:24]}
+        return [req], {"kind": "infill", "stops": [], "fill": n, "max": n, "n": 1,
+                       "id": "infill-" + uuid.uuid4().hex[:24]}
 
     # -- turning tokens into replies --------------------------------------------------------------
 
@@ -252,14 +336,15 @@ class Api:
         tokens = tokens[: how["fill"]]
         return tokens[: next((i for i, t in enumerate(tokens) if t in self.model.config.eos_token_id), len(tokens))]
 
-    def text_of(self, tokens: list[int], how: dict, final: bool) -> dict:
+    def text_of(self, tokens: list[int], how: dict, final: bool, choice: int = 0) -> dict:
         """A choice's parts: content, reasoning, tool calls, finish reason (with the stop strings)."""
         tok = self.tok
         tokens = self.generated(tokens, how)
         split = tok.split_thought(tokens) if how["kind"] == "chat" else None
         answer, calls = tok.split_tool_calls(split.answer) if split else (tokens, [])
         text, stopped = cut_at_stop(tok.decode(answer), how["stops"])
-        parts = {"content": how.get("echo", "") + text,
+        echo = how["echo"][choice // how["n"]] if how.get("echo") else ""  # completions: per prompt
+        parts = {"content": echo + text,
                  "reasoning": tok.decode(split.thought) if split and split.thought is not None and how["thinking"] else None,
                  "calls": calls if final else []}
         parts["finish"] = "tool_calls" if calls else "stop" if stopped or len(tokens) < how["max"] else "length"
@@ -275,28 +360,62 @@ class Api:
             message["tool_calls"] = tool_calls(parts["calls"])
         return {"index": i, "message": message, "logprobs": None, "finish_reason": parts["finish"]}
 
-    def usage(self, req: Request, done: dict, how: dict) -> dict:
+    def usage(self, reqs: list[Request], done: dict, how: dict) -> dict:
+        prompt = sum(len(r.prompt) for r in reqs)
         completion = sum(len(self.generated(t, how)) for t in done["tokens"])
-        return {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
-                "total_tokens": len(req.prompt) + completion,
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": done["tokens_cached"]}}
 
-    def reply(self, req: Request, how: dict, done: dict) -> dict:
+    @staticmethod
+    def wait(reqs: list[Request]) -> dict:
+        """The "done" payloads of a request's prompts (they share one event queue) as one, choices in
+        order; ApiError for an "error" event."""
+        dones = []
+        while len(dones) < len(reqs):
+            kind, payload = reqs[0].events.get()
+            if kind == "done":
+                dones.append(payload)
+            elif kind == "error":
+                raise ApiError(payload["status"], payload["message"], kind="server_error")
+        return merge_done(dones)
+
+    def reply(self, reqs: list[Request], how: dict, done: dict) -> dict:
         """The whole (not streamed) reply."""
-        parts = [self.text_of(t, how, True) for t in done["tokens"]]
+        parts = [self.text_of(t, how, True, i) for i, t in enumerate(done["tokens"])]
         if how["kind"] == "infill":
-            ms, n = done["seconds"] * 1e3, len(self.generated(done["tokens"][0], how))
+            req = reqs[0]
+            n, prompt_ms = len(self.generated(done["tokens"][0], how)), done.get("prompt_seconds", 0.0) * 1e3
+            ms = done["seconds"] * 1e3 - prompt_ms
             return {"content": parts[0]["content"], "tokens_cached": done["tokens_cached"], "truncated": False,
                     "stop": True, "model": self.name, "tokens_predicted": n, "tokens_evaluated": len(req.prompt),
-                    "timings": {"prompt_n": len(req.prompt) - done["tokens_cached"], "prompt_ms": 0.0,
+                    "timings": {"prompt_n": len(req.prompt) - done["tokens_cached"], "prompt_ms": prompt_ms,
                                 "predicted_n": n, "predicted_ms": ms, "predicted_per_second": n / max(ms / 1e3, 1e-9)}}
         obj = "chat.completion" if how["kind"] == "chat" else "text_completion"
         return {"id": how["id"], "object": obj, "created": int(time.time()), "model": self.name,
-                "system_fingerprint": f"seed-{req.seed}", "choices": [self.choice(i, p, how["kind"]) for i, p in enumerate(parts)],
-                "usage": self.usage(req, done, how),
-                "diffusion": {"seed": req.seed, "canvases": done["canvases"], "steps": done["steps"],
+                "system_fingerprint": fingerprint(reqs[0].seed),
+                "choices": [self.choice(i, p, how["kind"]) for i, p in enumerate(parts)],
+                "usage": self.usage(reqs, done, how),
+                "diffusion": {"seed": reqs[0].seed, "canvases": done["canvases"], "steps": done["steps"],
                               "rows_in_batch": done.get("rows_in_batch", 1),
                               **({"repair_rounds": done["repair_rounds"]} if "repair_rounds" in done else {})}}
+
+
+def fingerprint(seed: int) -> str:
+    """system_fingerprint names the seed a request drew from: seed-7, seed-m3 for -3."""
+    return f"seed-{seed}" if seed >= 0 else f"seed-m{-seed}"
+
+
+def merge_done(dones: list[dict]) -> dict:
+    """One "done" payload from those of a request's prompts: tokens in choice order, counts added."""
+    dones = sorted(dones, key=lambda d: d.get("first", 0))
+    out = {"tokens": [t for d in dones for t in d["tokens"]], "canvases": max(d["canvases"] for d in dones),
+           "steps": [k for d in dones for k in d["steps"]], "seconds": max(d["seconds"] for d in dones),
+           "prompt_seconds": max(d.get("prompt_seconds", 0.0) for d in dones),
+           "tokens_cached": sum(d["tokens_cached"] for d in dones),
+           "rows_in_batch": max(d.get("rows_in_batch", 1) for d in dones)}
+    if any("repair_rounds" in d for d in dones):
+        out["repair_rounds"] = [k for d in dones for k in d.get("repair_rounds", [])]
+    return out
 
 
 def images_of(messages) -> tuple[list, list]:

@@ -34,7 +34,7 @@ import torch
 
 from images import embed_images
 from kvcache import KVCache
-from sampler import GenerationSettings, NonFiniteLogits, RequestError, block_diffusion, trim
+from sampler import GenerationSettings, NonFiniteLogits, RequestError, block_diffusion, denoise_canvas, trim
 
 
 @dataclass
@@ -50,12 +50,14 @@ class Request:
     cache_prompt: bool = True  # may read from and write to the prefix cache
     job: object = None  # instead of one generation: job(**fast paths) -> the "done" payload, run alone
     images: list | None = None  # the prompt's images (images.Patches), in the order of its image tokens
+    first_choice: int = 0  # its samples are choices first_choice ... + n - 1 (several prompts share events)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens_cached: int = 0  # prompt tokens the prefix cache already held
     last_canvas: int = -1  # the last canvas committed for it
     queued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    prompt_seconds: float = 0.0  # from started to the end of the causal pass over its prompt
 
     def cancel(self) -> None:
         """The client left: the rows stop at the next step."""
@@ -212,16 +214,17 @@ class Batcher:
         if batch[0].job is not None:
             return self.run_job(batch[0])
         rows = [(r, i) for r in batch for i in range(r.n)]
+        C = self.model.config.canvas_length
         soft = {id(r): embed_images(self.model, r.images) for r in batch if r.images}  # the vision tower's work
-        settings = batch[0].settings.copy(max_new_tokens=max(r.settings.max_new_tokens for r in batch))
         now = time.perf_counter()
         for r in batch:
             r.started = now
         alone = len(rows) == 1 and batch[0].cache_prompt
         cache, keep = self.prefixes.take(batch[0].prompt) if alone else (None, 0)
         batch[0].tokens_cached = keep
-        if settings.max_new_tokens == 0 or batch[0].settings.max_new_tokens == 0:  # a warm-up: read the prompt
+        if batch[0].settings.max_new_tokens == 0:  # a warm-up (all of the batch: batch_key): read the prompt
             return self.prime(batch, cache, keep)
+        settings = batch[0].settings.copy(max_new_tokens=max(r.settings.max_new_tokens for r in batch))
 
         def stop_cancelled(finished):
             for b, (r, _) in enumerate(rows):
@@ -232,19 +235,29 @@ class Batcher:
             stop_cancelled(state.finished)
             for b, (r, i) in enumerate(rows):
                 if r.canvas_events and not r.cancelled.is_set():
-                    r.events.put(("canvas", {"choice": i, "canvas": ci, "step": settings.sampler.max_steps - step + 1,
-                                             "tokens": state.argmax[b].tolist(),
-                                             "accepted": int(state.accepted[b].sum())}))
+                    within = r.settings.max_new_tokens - ci * C  # its own positions: the canvas may be wider
+                    r.events.put(("canvas", {"choice": r.first_choice + i, "canvas": ci,
+                                             "step": settings.sampler.max_steps - step + 1,
+                                             "tokens": state.argmax[b, :within].tolist(),
+                                             "accepted": int(state.accepted[b, :within].sum())}))
 
         def on_canvas(ci, new, finished):
             stop_cancelled(finished)
             for b, (r, i) in enumerate(rows):
                 if not r.cancelled.is_set():
                     r.last_canvas = ci
-                    r.events.put(("text", {"choice": i, "tokens": trim(new[b].tolist(), r.settings)}))
+                    r.events.put(("text", {"choice": r.first_choice + i, "tokens": trim(new[b].tolist(), r.settings)}))
 
         prompts = [r.prompt[keep:] if alone else r.prompt for r, _ in rows]
         fast = {k: v for k, v in self.fast.items() if not (alone and k == "new_cache")}  # a given cache grows
+        denoise = fast.get("denoise", denoise_canvas)
+
+        def timed_denoise(model, cache, state, *a, **kw):  # called right after the causal pass
+            if state.index == 0:
+                for r in batch:
+                    r.prompt_seconds = time.perf_counter() - r.started
+            return denoise(model, cache, state, *a, **kw)
+        fast["denoise"] = timed_denoise
         result = block_diffusion(self.model, prompts, settings, pins=[r.pins or {} for r, _ in rows],
                                  seeds=[r.seed + i for r, i in rows], on_step=on_step, on_canvas=on_canvas,
                                  images=[soft.get(id(r)) for r, _ in rows] if soft else None, cache=cache, **fast)
@@ -257,26 +270,29 @@ class Batcher:
                 print(f"(a request was cancelled: its rows stopped after canvas {r.last_canvas + 1} of "
                       f"{r.settings.canvases(self.model.config.canvas_length)})", file=sys.stderr, flush=True)
             r.events.put(("done", {"tokens": tokens, "canvases": result.canvases, "steps": result.steps,
-                                   "seconds": time.perf_counter() - r.started, "tokens_cached": r.tokens_cached,
-                                   "rows_in_batch": len(rows)}))
+                                   "seconds": time.perf_counter() - r.started, "prompt_seconds": r.prompt_seconds,
+                                   "tokens_cached": r.tokens_cached, "rows_in_batch": len(rows),
+                                   "first": r.first_choice}))
 
     def run_job(self, r: Request) -> None:
-        """A request that is a job of its own (editing.generate_json for a JSON Schema)."""
+        """A request that is a job of its own (editing.fill_json for a JSON Schema)."""
         r.started = time.perf_counter()
         try:
             done = r.job(**self.fast)
         except RequestError as e:  # what the request asks cannot be met (a schema path no sample filled)
             return self.fail([r], 422, str(e))
         r.events.put(("done", {"canvases": len(done["steps"]), "tokens_cached": 0, "rows_in_batch": r.n, **done,
-                               "seconds": time.perf_counter() - r.started}))
+                               "seconds": time.perf_counter() - r.started, "first": r.first_choice}))
 
     def prime(self, batch: list[Request], cache, keep: int) -> None:
         """max_new_tokens 0: read the prompt into the prefix cache, generate nothing."""
         for r in batch:
             if cache is None:
                 cache, keep = self.prefixes.take(r.prompt)
+            t0 = time.perf_counter()
             self.model.forward_causal(torch.tensor([r.prompt[keep:]], device=self.model.device), cache)
             self.prefixes.put(r.prompt, cache)
-            r.tokens_cached = keep
-            r.events.put(("done", {"tokens": [[]], "canvases": 0, "steps": [], "seconds": 0.0, "tokens_cached": keep}))
+            r.tokens_cached, seconds = keep, time.perf_counter() - t0
+            r.events.put(("done", {"tokens": [[]], "canvases": 0, "steps": [], "seconds": seconds,
+                                   "prompt_seconds": seconds, "tokens_cached": keep, "first": r.first_choice}))
             cache = None

@@ -51,34 +51,46 @@ def hf_cache_dirs() -> list[Path]:
     return dirs
 
 
-def find_in_hf_cache(repo_id: str) -> Path | None:
-    """The snapshot of repo_id in the local Hugging Face cache (refs/main first, else the newest)."""
+def find_in_hf_cache(repo_id: str, weights: bool = True) -> Path | None:
+    """The snapshot of repo_id in the local Hugging Face cache (refs/main first, else the newest);
+    with weights, only one that holds them (not one fetched for its configs alone)."""
+    def complete(snap: Path) -> bool:
+        return (snap / "config.json").exists() and (not weights or any(snap.glob("*.safetensors")))
+
     for base in hf_cache_dirs():
         repo = base / ("models--" + repo_id.replace("/", "--"))
         snaps = repo / "snapshots"
         if not snaps.is_dir():
             continue
         ref = repo / "refs" / "main"
-        if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
+        if ref.is_file() and complete(snaps / ref.read_text().strip()):
             return snaps / ref.read_text().strip()
-        candidates = sorted((p for p in snaps.iterdir() if (p / "config.json").exists()),
-                            key=lambda p: p.stat().st_mtime)
+        candidates = sorted((p for p in snaps.iterdir() if complete(p)), key=lambda p: p.stat().st_mtime)
         if candidates:
             return candidates[-1]
     return None
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
-    """A local directory, or a Hugging Face repo id found in the cache or downloaded."""
+HERE = Path(__file__).resolve().parent  # the bundled models (weights/, weights-code/) sit beside this file
+WEIGHT_FILES = ["*.safetensors"]
+CONFIG_FILES = ["*.json", "tokenizer*", "*.jinja"]  # everything but the weights: configs, tokenizer, template
+
+
+def resolve_checkpoint(model: str | Path, weights: bool = True) -> Path:
+    """A local directory (a relative one that is not in the working directory is looked for beside
+    this file, where the bundled models are), or a Hugging Face repo id found in the cache or
+    downloaded. weights=False: a download fetches only the configs, tokenizer and template."""
     name = str(model)
     path = Path(name).expanduser()
+    if not path.exists() and not path.is_absolute() and (HERE / path).exists():
+        path = HERE / path
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{name} is a file; give a checkpoint directory or a Hugging Face repo id")
         return path
     if not (name.count("/") == 1 and not name.startswith((".", "/", "~"))):
         raise CheckpointError(f"{name} does not exist: give a checkpoint directory or a Hugging Face repo id")
-    cached = find_in_hf_cache(name)
+    cached = find_in_hf_cache(name, weights)
     if cached is not None:
         return cached
     try:
@@ -88,8 +100,7 @@ def resolve_checkpoint(model: str | Path) -> Path:
             f"{name} is not in the local Hugging Face cache and huggingface_hub is not installed: "
             f"`pip install huggingface_hub`, or `hf download {name} --local-dir DIR` and use DIR") from None
     try:
-        return Path(huggingface_hub.snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+        return Path(huggingface_hub.snapshot_download(name, allow_patterns=CONFIG_FILES + WEIGHT_FILES * weights))
     except Exception as e:  # network, auth, unknown repo: one line, what to do
         raise CheckpointError(f"could not download {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                               "download it yourself and use the directory") from None
@@ -185,7 +196,7 @@ def build_on_meta(config: DiffusionGemmaConfig, dtype: torch.dtype) -> Diffusion
 
 
 def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               sharding=None) -> DiffusionGemma:
+               sharding=None, config: DiffusionGemmaConfig | None = None) -> DiffusionGemma:
     """Build the model from a checkpoint, tensor by tensor, straight onto `device` in `dtype`.
 
     Only the text stack under `model.decoder.*` is read (the encoder copies are tied to it; the vision
@@ -193,9 +204,10 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
     moved to the device before the next is read. sharding (distributed.Sharding) reshapes the network
     for one rank first (sharding.prepare(net)) and then reads only that rank's slice of each tensor
     (sharding.read(name, safe_slice) -> tensor, or None for a tensor every rank holds whole).
+    config: the checkpoint's config.json, when it was read already.
     """
     path = resolve_checkpoint(model)
-    config = read_config(path)
+    config = config or read_config(path)
     dtype = dtype or config.torch_dtype()
     device = open_device(device)
     net = build_on_meta(config, dtype)

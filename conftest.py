@@ -6,6 +6,8 @@ proportional RoPE on the full layers, dense MLP + MoE, self-conditioning, a stan
 that text-only runs never read; vision_ckpt a real one) at the sizes of TEST_CONFIGS["test-*"], which run in milliseconds on a CPU.
 """
 
+import base64
+import contextlib
 import http.client
 import json
 import os
@@ -73,6 +75,20 @@ IMAGE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is
                   "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>{% else %}"
                   "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
                   "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's CPU thread count set to n inside the block. transformers' CPU generation can change with
+    the thread count (its tokens at two threads differ from its tokens at one from the third canvas of
+    test_parity's seed 1); ours does not (test_parity checks it at 1, 2 and 4). So every comparison of
+    whole generations runs transformers at one thread, on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_config(name: str, **overrides) -> DiffusionGemmaConfig:
@@ -237,3 +253,51 @@ class Server:
             return self.p.wait(timeout=30)
         finally:
             self.p.kill()
+
+
+class Chrome:
+    """Headless Chromium driven over --remote-debugging-pipe (fd 3: commands in, fd 4: replies out)."""
+
+    def __init__(self, exe: str):
+        r_in, self.w = os.pipe()
+        self.r, w_out = os.pipe()
+
+        def fds():
+            a, b = os.dup(r_in), os.dup(w_out)  # out of the way of 3 and 4 first
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+        self.p = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                                   "--window-size=1000,900", "--hide-scrollbars", "about:blank"], preexec_fn=fds,
+                                  close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(r_in)
+        os.close(w_out)
+        self.n, self.buf, self.session = 0, b"", None
+
+    def send(self, method, params=None, session=True):
+        self.n += 1
+        msg = {"id": self.n, "method": method, "params": params or {}}
+        if session and self.session:
+            msg["sessionId"] = self.session
+        os.write(self.w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                self.buf += os.read(self.r, 1 << 20)
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.n:
+                return reply["result"]
+
+    def open(self, url):
+        target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        self.send("Page.navigate", {"url": url})
+
+    def eval(self, js):
+        return self.send("Runtime.evaluate", {"expression": js, "returnByValue": True})["result"].get("value")
+
+    def screenshot(self, path):
+        Path(path).write_bytes(base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"]))
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()

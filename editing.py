@@ -13,7 +13,7 @@ renoised) and is committed as is (sampler.py). On top of that:
             positions take only the tokens its type allows) denoised with the holes restricted
             (sampler.Allowed); each hole is then checked against its schema, and one that fails is
             renoised with every valid span pinned, up to `rounds` rounds; then the first of the
-            samples that validates (generate_json)
+            samples that validates (fill_json)
 A request that cannot be met as asked raises sampler.RequestError, whose message says what to change.
 
     from generate import load; from editing import parse_template, fill
@@ -67,11 +67,14 @@ def parse_infill(tokenizer: Tokenizer, text: str, fill_length: int) -> tuple[lis
     if text.count(FILL) != 1:
         raise RequestError(f"the infill text must contain {FILL} exactly once (it has {text.count(FILL)})")
     left, right = text.split(FILL)
-    if not left.strip():
-        raise RequestError(f"the infill text needs some text before {FILL}: it is the prompt")
+    ids = tokenizer.encode_raw(left)
+    if not ids or ids == tokenizer.encode_raw(""):  # a gap at the top of a text: after <bos> alone
+        ids = [tokenizer.token_id(tokenizer.bos_token)]
+        if ids[0] is None:
+            raise RequestError(f"the infill text needs some text before {FILL} (this tokenizer has no "
+                               f"{tokenizer.bos_token} to start from)")
     right_ids = tokenizer.encode(right) if right else []
-    return tokenizer.encode_raw(left), Canvas(fill_length + len(right_ids),
-                                              {fill_length + i: t for i, t in enumerate(right_ids)})
+    return ids, Canvas(fill_length + len(right_ids), {fill_length + i: t for i, t in enumerate(right_ids)})
 
 
 def parse_pin(tokenizer: Tokenizer, spec: str) -> dict[int, int]:
@@ -99,9 +102,15 @@ def fill(model, prompt_ids: list[int], canvas: Canvas, settings: GenerationSetti
 
 
 def shell_accept(command: str):
-    """accept(text) for --accept: the shell command gets the text on stdin; exit 0 accepts it."""
+    """accept(text) for --accept: the shell command gets the text on stdin; exit 0 accepts it. A
+    command the shell cannot run (exit 126 or 127: not found, not executable) is a RequestError,
+    not a rejected sample."""
     def accept(text: str) -> bool:
-        return subprocess.run(command, shell=True, input=text, text=True, capture_output=True).returncode == 0
+        done = subprocess.run(command, shell=True, input=text, text=True, capture_output=True)
+        if done.returncode in (126, 127):
+            why = (done.stderr.strip().splitlines() or ["not found"])[-1]
+            raise RequestError(f"--accept {command!r} could not be run (exit {done.returncode}: {why}): check the command")
+        return done.returncode == 0
     return accept
 
 
@@ -205,7 +214,7 @@ def finish_typed(tokens: list[int], layout: Layout, tok, rounds: int, space: int
     return Filled(tokens, text, value_ if error is None else None, error, rounds, snapped)
 
 
-def generate_json(model, tok, prompt: list[int], schema: dict, settings: GenerationSettings | None = None, *,
+def fill_json(model, tok, prompt: list[int], schema: dict, settings: GenerationSettings | None = None, *,
                   seed: int = 0, samples: int = 1, rounds: int = 3, **kw) -> Filled:
     """A JSON value that satisfies the schema, written after the prompt's token ids: `samples`
     samples as one batch (sample i: seed + i, anyOf branch i), each repaired up to `rounds` times;

@@ -32,11 +32,12 @@ from editing import FILL, fill, parse_infill, parse_template
 from hfconfig import CheckpointError, read_config, read_generation_config
 from images import ImageError, checkpoint_of, embed_images, image_prompt, image_settings
 from job import Job, print_prompt, read_job
-from sampler import (GenerationSettings, NonFiniteLogits, RequestError, check_context, denoise_canvas, growing_cache,
-                     run_batches)
+from request import check_chat, check_prompts, check_text_model
+from sampler import (GenerationSettings, NonFiniteLogits, RequestError, check_context, check_positive, denoise_canvas,
+                     growing_cache, run_batches)
 from terminal import (CanvasView, Display, Parser, Progress, StreamPrinter, UsageError, closing_line, device_name, dim,
                       free_memory, out_of_memory_line, positive, stopped)
-from tokenizer import Tokenizer, encode_prompt, load_tokenizer
+from tokenizer import ChatFormat, Tokenizer, encode_prompt, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 MAX_DEFAULT_BATCH = 64  # more prompts at once gain little and cost memory
@@ -55,21 +56,40 @@ def default_device() -> str:
     return "cpu"
 
 
-def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype: torch.dtype | None = None,
+def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype: str | torch.dtype | None = None,
          tokenizer: str | None = None, sharding=None) -> tuple:
-    """(model, tokenizer) from a checkpoint directory or a Hugging Face repo id. The model carries
-    its generation_config.json as model.generation_settings. sharding: distributed.Sharding."""
+    """(model, tokenizer) from a checkpoint directory (the bundled ones by name from any folder) or
+    a Hugging Face repo id. dtype None or "auto": the checkpoint's dtype on a GPU, float32 on the CPU
+    (where bf16 matmuls are slow), as the command line and the server do, so that the same seed gives
+    the same text everywhere. The model carries its generation_config.json as
+    model.generation_settings. sharding: distributed.Sharding."""
     path = resolve_checkpoint(model)
     config = read_config(path)
     tok = load_tokenizer(path, tokenizer, config.vocab_size)  # before the weights: fail fast
-    net = load_model(path, device or default_device(), dtype, sharding)
+    return load_weights(path, config, device, dtype, sharding, name=str(model)), tok
+
+
+def load_weights(path: Path, config, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 sharding=None, name: str | None = None):
+    """The network of a resolved checkpoint whose config.json was read (load's second half)."""
+    device = open_device(device or default_device())
+    net = load_model(path, device, compute_dtype(dtype, device), sharding, config=config)
     net.generation_settings = read_generation_config(path, net.config.eos_token_id)
-    net.checkpoint_dir = path  # where embed_images finds the vision tower, if one is ever needed
-    return net, tok
+    net.checkpoint_dir, net.checkpoint_name = path, name or str(path)  # embed_images finds the tower there
+    return net
+
+
+def compute_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The one dtype rule: a dtype (or its name) as given; None or "auto": float32 on the CPU, else
+    None (the checkpoint's own)."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else None
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def settings_for(model, **overrides) -> GenerationSettings:
-    """The checkpoint's defaults with overrides (max_new_tokens, steps, entropy_bound, eos_token_ids)."""
+    """The checkpoint's defaults with overrides (GenerationSettings.copy's: max_new_tokens, steps,
+    entropy_bound, temperature, eos_token_ids)."""
     base = getattr(model, "generation_settings", None) or read_generation_config(None, model.config.eos_token_id)
     return base.copy(**overrides)
 
@@ -84,51 +104,91 @@ def default_batch_size(model, n_prompts: int) -> int:
     return max(1, min(n_prompts, fits, MAX_DEFAULT_BATCH))
 
 
-def generate(model, tokenizer: Tokenizer, prompt: str | list[str], *, max_new_tokens: int | None = None,
-             steps: int | None = None, entropy_bound: float | None = None, seed: int | None = None,
-             raw: bool = False, thinking: bool = False, system: str | None = None,
-             batch_size: int | None = None, return_thought: bool = False, json_schema: dict | None = None,
-             images: list | None = None):
-    """Text for one prompt, or a list of texts for a list of prompts (in batches of batch_size).
-    json_schema: the text is JSON that satisfies it (editing.generate_json, one prompt at a time).
-    images: image files or PIL images shown before the prompt (a list of them per prompt for a list
-    of prompts); a raw prompt writes <|image|> where each goes. ImageError for one that cannot be read.
-    seed: every prompt draws from its own stream seeded with it (its text does not depend on the
-    batch); None: torch's default generator, shared by the batch. The thought of a thinking model
-    is left out of the text; return_thought: (answer, thought)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    settings = settings_for(model, max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound)
-    per_prompt = [[]] * len(prompts) if images is None else [images] if isinstance(prompt, str) else list(images)
-    if images is not None and (len(per_prompt) != len(prompts) or json_schema is not None):
-        raise RequestError("images: one list of images per prompt" if json_schema is None else
-                           "json_schema does not take images")
+def name_of(model) -> str:
+    """How messages name the model's checkpoint: as it was given to load()."""
+    return getattr(model, "checkpoint_name", None) or "this model"
+
+
+def prompt_ids(model, tokenizer: Tokenizer, prompts: list[str], settings: GenerationSettings, chat: ChatFormat,
+               images) -> tuple[list[list[int]], list | None]:
+    """The token ids of text prompts and their images' embeddings (None without images), after the
+    checks every entrance makes (request.py)."""
+    check_text_model(tokenizer, name_of(model))
+    check_chat(tokenizer, name_of(model), chat)
+    per_prompt = [[]] * len(prompts) if images is None else [images] if len(prompts) == 1 and not (
+        images and isinstance(images[0], (list, tuple))) else list(images)
+    if len(per_prompt) != len(prompts):
+        raise RequestError("images: one list of images per prompt")
     s = image_settings(checkpoint_of(model), model.config) if any(per_prompt) else None
-    pairs = [image_prompt(tokenizer, p, ims, s, model.config, settings.max_new_tokens, raw=raw, thinking=thinking,
-                          system=system) for p, ims in zip(prompts, per_prompt)]
-    ids = [i for i, _ in pairs]
-    soft = [embed_images(model, ps) if ps else None for _, ps in pairs] if any(per_prompt) else None
-    if json_schema is not None:
-        from editing import generate_json
-        out = [generate_json(model, tokenizer, p, json_schema, settings, seed=seed or 0).text.rstrip() for p in ids]
-        return out[0] if isinstance(prompt, str) else out
+    pairs = [image_prompt(tokenizer, p, ims, s, model.config, settings.max_new_tokens, chat=chat)
+             for p, ims in zip(prompts, per_prompt)]
+    embeds = [embed_images(model, ps) if ps else None for _, ps in pairs] if any(per_prompt) else None
+    return [ids for ids, _ in pairs], embeds
+
+
+def answers(model, tokenizer: Tokenizer, prompt: str | list[str], *, max_new_tokens: int | None = None,
+            steps: int | None = None, entropy_bound: float | None = None, temperature: float | None = None,
+            seed: int | None = None, chat: ChatFormat = ChatFormat(), batch_size: int | None = None,
+            images: list | None = None) -> list:
+    """generate()'s work: per prompt, the new tokens split into answer and thought (tokenizer.Thought)."""
+    prompts = check_prompts(prompt)
+    settings = settings_for(model, max_new_tokens=max_new_tokens, steps=steps, entropy_bound=entropy_bound,
+                            temperature=temperature)
+    ids, image_embeds = prompt_ids(model, tokenizer, prompts, settings, chat, images)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size)
     seeds = None if seed is None else [seed] * len(ids)
-    out = []
-    for result in run_batches(model, ids, settings, batch_size or default_batch_size(model, len(ids)), seeds=seeds,
-                              images=soft):
-        for tokens in result.tokens:
-            split = tokenizer.split_thought(tokens)
-            answer = tokenizer.decode(split.answer)
-            thought = None if split.thought is None else tokenizer.decode(split.thought)
-            out.append((answer, thought) if return_thought else answer)
+    results = run_batches(model, ids, settings, batch_size or default_batch_size(model, len(ids)), seeds=seeds,
+                          images=image_embeds)
+    return [tokenizer.split_thought(tokens) for r in results for tokens in r.tokens]
+
+
+def generate(model, tokenizer: Tokenizer, prompt: str | list[str], **kw) -> str | list[str]:
+    """Text for one prompt, or a list of texts for a list of prompts (in batches of batch_size).
+    kw: max_new_tokens, steps, entropy_bound (the checkpoint's generation_config.json where not given),
+    temperature (a scale of the checkpoint's temperature schedule: 1, the default, keeps it);
+    seed: every prompt draws from its own stream seeded with it (its text does not depend on the
+    batch), None: torch's default generator, shared by the batch; chat: a ChatFormat (a system prompt,
+    thinking, or raw); batch_size; images: image files or PIL images shown before the prompt (a list
+    of them per prompt for a list of prompts; a raw prompt writes <|image|> where each goes).
+    The thought of a thinking model is left out (generate_with_thought has it). A request that
+    cannot be met as asked raises sampler.RequestError, as the command line refuses it."""
+    out = [tokenizer.decode(t.answer) for t in answers(model, tokenizer, prompt, **kw)]
     return out[0] if isinstance(prompt, str) else out
+
+
+def generate_with_thought(model, tokenizer: Tokenizer, prompt: str | list[str], **kw):
+    """(answer, thought) for one prompt, or a list of them: generate() with the thought of a model
+    that thinks first (chat=ChatFormat(thinking=True)); thought is None when it did not think."""
+    out = [(tokenizer.decode(t.answer), None if t.thought is None else tokenizer.decode(t.thought))
+           for t in answers(model, tokenizer, prompt, **kw)]
+    return out[0] if isinstance(prompt, str) else out
+
+
+def generate_json(model, tokenizer: Tokenizer, prompt: str | None, schema: dict, *, steps: int | None = None,
+                  entropy_bound: float | None = None, seed: int = 0, samples: int = 1,
+                  chat: ChatFormat = ChatFormat()) -> str:
+    """JSON text that satisfies the JSON Schema, written after the prompt (None: after <bos>) as a
+    typed canvas (editing.fill_json): samples seed, seed + 1, ...; the first that validates.
+    structured.SchemaError for a schema that cannot be filled, naming the path."""
+    from editing import fill_json
+    check_positive("samples", samples)
+    settings = settings_for(model, steps=steps, entropy_bound=entropy_bound)
+    ids = prompt_ids(model, tokenizer, check_prompts(prompt), settings, chat, None)[0][0] if prompt is not None \
+        else [model.config.bos_token_id]
+    return fill_json(model, tokenizer, ids, schema, settings, seed=seed, samples=samples).text.rstrip()
 
 
 def infill(model, tokenizer: Tokenizer, text: str, fill_length: int = 16, steps: int | None = None,
            seed: int | None = None) -> str:
     """The text that fills the single <FILL> of `text`, given what stands on both sides of it."""
+    check_text_model(tokenizer, name_of(model))
+    check_prompts(text)
+    check_positive("fill_length", fill_length)
+    settings = settings_for(model, steps=steps)
     left, canvas = parse_infill(tokenizer, text, fill_length)
     check_context(model.config, len(left), canvas.length)
-    tokens, _, _ = fill(model, left, canvas, settings_for(model, steps=steps), seed=seed)
+    tokens, _, _ = fill(model, left, canvas, settings, seed=seed)
     return tokenizer.decode(tokens[0][:fill_length])
 
 
@@ -136,10 +196,14 @@ def fill_template(model, tokenizer: Tokenizer, template: str, *, prompt: str | N
                   steps: int | None = None, seed: int | None = None, samples: int = 1, accept=None) -> str | None:
     """The template with its holes filled (after an optional prompt); with samples > 1 and
     accept(text) -> bool, the first sample it accepts (None if none does)."""
+    check_prompts(template)
+    check_positive("samples", samples)
+    settings = settings_for(model, steps=steps)
     canvas = parse_template(tokenizer, template, hole)
-    ids = encode_prompt(tokenizer, prompt, model.config, canvas.length) if prompt else [model.config.bos_token_id]
+    ids = encode_prompt(tokenizer, prompt, model.config, canvas.length) if prompt is not None \
+        else [model.config.bos_token_id]
     check_context(model.config, len(ids), canvas.length)
-    tokens, ok, _ = fill(model, ids, canvas, settings_for(model, steps=steps), samples,
+    tokens, ok, _ = fill(model, ids, canvas, settings, samples,
                          None if accept is None else (lambda t: accept(tokenizer.decode(t))), seed=seed)
     return next((tokenizer.decode(t) for t, good in zip(tokens, ok) if good), None)
 
@@ -170,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive(int), help="new tokens at most (default: generation_config.json)")
     p.add_argument("--steps", type=positive(int), help="maximum denoising steps per canvas (default: the checkpoint's)")
     p.add_argument("--entropy-bound", type=positive(float), help="entropy budget of the tokens accepted per step")
+    p.add_argument("--temperature", type=positive(float),
+                   help="scales the checkpoint's temperature schedule (default 1: as it is; lower: more certain)")
     p.add_argument("--seed", type=int, default=0, help="random seed of every prompt (default 0; sample i: seed + i)")
     p.add_argument("--batch-file", help="a UTF-8 file with one prompt a line (empty lines are skipped)")
     p.add_argument("--batch-size", type=positive(int), help="prompts generated at once (default: what fits, at most 64)")
@@ -210,11 +276,14 @@ def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict, soft:
     soft: the embeddings of the prompt's images (embed_images), for every sample."""
     s, C, n = job.settings, model.config.canvas_length, len(job.ids) * job.samples
     stream = n == 1 and job.check is None
-    view = CanvasView(job.render, s.sampler.max_steps, job.labels[0] if n > 1 else "") if display.show_canvas else None
+    answer = StreamPrinter(sys.stdout)
+    thought = StreamPrinter(sys.stderr, style=lambda t: dim(t, sys.stderr))
+    view = CanvasView(job.render, s.sampler.max_steps, job.labels[0] if n > 1 else "",
+                      column=lambda: len(answer.text.rsplit("\n", 1)[-1]) if sys.stdout.isatty() else 0) \
+        if display.show_canvas else None
     unit = "canvas" if n == 1 else "sample" if job.samples > 1 else "prompt"
     progress = Progress(display, s.canvases(C) if n == 1 else n, unit, view)
-    answer = StreamPrinter(sys.stdout, before=progress.bar.clear)
-    thought = StreamPrinter(sys.stderr, before=progress.bar.clear, style=lambda t: dim(t, sys.stderr))
+    answer.before = thought.before = progress.bar.clear
     answer.update(job.header + (job.echo if stream else ""))
     printed = [0]  # rows printed so far
 
@@ -254,7 +323,9 @@ def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict, soft:
     ok = [bool(job.check(t)) for t in tokens] if job.check else []
     if any(ok):
         i = ok.index(True)
-        sys.stdout.write(job.picked.format(label=job.labels[i], text=job.echo + job.render(tokens[i])))
+        label = job.labels[i] if view is None or i == 0 else \
+            f"{job.labels[i]}; the one drawn above, {job.labels[0]}, was not accepted {job.judge}"
+        sys.stdout.write(job.picked.format(label=label, text=job.render(tokens[i])))
     sys.stdout.write("\n" if stream or any(ok) else "")
     sys.stdout.flush()
     peak = distributed.peak_memory_per_rank(model.device) if distributed.launched() else None  # every rank
@@ -272,14 +343,14 @@ def run_job(model, tok: Tokenizer, job: Job, display: Display, fast: dict, soft:
 
 
 def run_json(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> int:
-    """--json / --json-schema: a value that satisfies the schema (editing.generate_json) on stdout."""
-    from editing import generate_json
+    """--json / --json-schema: a value that satisfies the schema (editing.fill_json) on stdout."""
+    from editing import fill_json
     from structured import SchemaError
     view = CanvasView(tok.decode, job.settings.sampler.max_steps) if display.show_canvas else None
     hooks = {} if view is None else {"on_step": view.draw, "on_canvas": lambda *_: view.clear()}
     t0 = time.perf_counter()
     try:
-        f = generate_json(model, tok, job.ids[0], job.schema, job.settings, seed=job.seed, samples=job.samples,
+        f = fill_json(model, tok, job.ids[0], job.schema, job.settings, seed=job.seed, samples=job.samples,
                           **hooks, **fast)
     except SchemaError as e:  # no sample could be filled: not a mistake in the request
         print(f"error: {e}", file=sys.stderr)
@@ -298,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
     if args.model is None and not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise UsageError("no model given and no bundled model in ./weights: "
                          "pass --model DIR (a checkpoint directory) or --model google/diffusiongemma-26B-A4B-it")
-    name, path = args.model or "weights", resolve_checkpoint(args.model or DEFAULT_MODEL_DIR)
+    name = args.model or "weights"
+    path = resolve_checkpoint(args.model or DEFAULT_MODEL_DIR, weights=not args.print_prompt)
     config = read_config(path)
     tok = load_tokenizer(path, args.tokenizer, config.vocab_size)
     job = read_job(args, tok, config, read_generation_config(path, config.eos_token_id), name, path)
@@ -306,17 +378,16 @@ def main(args: argparse.Namespace) -> int:
     if args.print_prompt:
         return print_prompt(job, tok)
     device = open_device(args.device or default_device())
-    # auto: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16 matmuls are slow
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float32 if device.type == "cpu" else None)
     quiet = args.quiet
     try:
         if distributed.launched():
-            model, _ = distributed.load_sharded(lambda sharding, dev: load(path, dev, dtype, args.tokenizer, sharding),
-                                                device.type, CheckpointError)
+            model = distributed.load_sharded(
+                lambda sharding, dev: load_weights(path, config, dev, args.dtype, sharding, name), device.type,
+                CheckpointError)
             if int(os.environ["RANK"]):  # under torchrun only rank 0 speaks
                 quiet, sys.stdout = True, open(os.devnull, "w")
         else:
-            model, _ = load(path, device, dtype, args.tokenizer)
+            model = load_weights(path, config, device, args.dtype, name=name)
         soft = None if not job.images else embed_images(model, job.images)  # the vision tower: only now
     except torch.OutOfMemoryError as e:
         raise DeviceError(out_of_memory_line(device, e, loading=True)) from None

@@ -30,7 +30,7 @@ import torch
 from checkpoint import load_vision
 from hfconfig import CheckpointError, read_json
 from sampler import RequestError, check_context
-from tokenizer import encode_prompt
+from tokenizer import ChatFormat, encode_prompt
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # what the image processor accepts as max_soft_tokens
 
@@ -170,7 +170,7 @@ def place_images(ids: list[int], n_soft: list[int], s: ImageSettings) -> list[in
     at = [i for i, t in enumerate(ids) if t == s.image_token_id]
     if len(at) != len(n_soft):
         raise ImageError(f"the prompt has {len(at)} place{'s' * (len(at) != 1)} for an image (<|image|>) "
-                         f"but {len(n_soft)} image{'s' * (len(n_soft) != 1)} were given: "
+                         f"but {len(n_soft)} image{'s' * (len(n_soft) != 1)} {'were' if len(n_soft) != 1 else 'was'} given: "
                          + ("a raw prompt takes one <|image|> where each image goes" if not at else
                             "give one image per <|image|>"))
     out, last = [], 0
@@ -186,17 +186,15 @@ def stack(patches: list[Patches]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def image_prompt(tok, text: str, images: list, s: ImageSettings, config, max_new_tokens: int, *,
-                 raw: bool = False, thinking: bool = False, system: str | None = None,
-                 name: str = "prompt") -> tuple[list[int], list[Patches]]:
+                 chat: ChatFormat = ChatFormat(), name: str = "prompt") -> tuple[list[int], list[Patches]]:
     """The token ids of a prompt with images (file paths or PIL images) and their patches: in the
     chat format the images come before the text; a raw prompt writes <|image|> where each goes.
     ImageError for an image that cannot be used or a prompt with no place for it; RequestError
     (sampler) when the images make the prompt too long for the model. No images: encode_prompt's ids."""
     if not images:
-        return encode_prompt(tok, text, config, max_new_tokens, raw=raw, thinking=thinking, system=system, name=name), []
+        return encode_prompt(tok, text, config, max_new_tokens, chat, name=name), []
     patches = [image_patches(read_image(im) if isinstance(im, (str, Path)) else im.convert("RGB"), s) for im in images]
-    ids = encode_prompt(tok, text, config, max_new_tokens, raw=raw, thinking=thinking, system=system, name=name,
-                        images=len(images))
+    ids = encode_prompt(tok, text, config, max_new_tokens, chat, name=name, images=len(images))
     ids = place_images(ids, [p.n_soft for p in patches], s)
     n = len(images)
     check_context(config, len(ids), max_new_tokens, f"{name} with its {n} image{'s' * (n != 1)}")

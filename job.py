@@ -15,9 +15,10 @@ from pathlib import Path
 
 import sudoku
 from editing import FILL, parse_infill, parse_pin, parse_template, shell_accept
+from request import check_chat, check_text_model
 from sampler import GenerationSettings, RequestError, check_context
 from terminal import UsageError
-from tokenizer import Tokenizer, encode_prompt
+from tokenizer import ChatFormat, Tokenizer, encode_prompt
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"  # what a model without a demo of its own is asked
 
@@ -51,7 +52,7 @@ class Job:
     pins: dict | None = None  # {offset: token} of every sample
     check: object = None  # best-of-N: new tokens -> bool; `judge` says whose check it is
     judge: str = ""
-    picked: str = "{text}"  # how the accepted sample is printed
+    picked: str = "=== {label} (accepted)\n{text}"  # how the accepted sample is printed, as the others are
     show_thought: bool = False  # --thinking: the thought goes to stderr
     budget: str = ""  # the limit that cuts a text short, as the closing line names it
     batch_size: int | None = None
@@ -89,13 +90,12 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, 
         raise UsageError(f"--hole must be one character, not {args.hole!r}")
     if modes == ["sudoku"] or (shape is not None and not modes and args.prompt is None):
         return sudoku_job(args, tok, shape, base, name)
-    if shape is not None and modes != ["template"]:
-        raise UsageError(f"{name} is a Sudoku model: it fills {shape.n}x{shape.n} grids, not text; give it "
-                         "--sudoku GRID (or nothing, for its built-in puzzle), or use --model weights-code for text")
-    if (args.chat or args.system or args.thinking) and not tok.is_chat:
-        raise UsageError(f"{name} has no chat format (no chat template or turn markers in its tokenizer): "
-                         "--chat, --system and --thinking need an instruction-tuned checkpoint")
-    settings = base.copy(max_new_tokens=args.max_new_tokens, steps=args.steps, entropy_bound=args.entropy_bound)
+    if modes != ["template"]:
+        check_text_model(tok, name)
+    chat = ChatFormat(args.raw, args.thinking, args.system)
+    check_chat(tok, name, chat, conversation=args.chat)
+    settings = base.copy(max_new_tokens=args.max_new_tokens, steps=args.steps, entropy_bound=args.entropy_bound,
+                         temperature=args.temperature)
     accept = args.accept and shell_accept(args.accept)
     pins = {k: v for spec in args.pin for k, v in parse_pin(tok, spec).items()}
     job = Job(modes[0] if modes else "prompt", settings, [], [f"sample {i + 1}" for i in range(samples)], args.seed,
@@ -103,8 +103,7 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, 
               judge=f"by {args.accept}", show_thought=args.thinking,
               budget=f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens else
               f"the {settings.max_new_tokens} new tokens of generation_config.json; --max-new-tokens N for more")
-    encode = lambda t, what="prompt": encode_prompt(  # noqa: E731
-        tok, t, config, job.settings.max_new_tokens, raw=args.raw, thinking=args.thinking, system=args.system, name=what)
+    encode = lambda t, what="prompt": encode_prompt(tok, t, config, job.settings.max_new_tokens, chat, name=what)  # noqa: E731
     if job.mode == "batch":
         lines = [(i + 1, ln) for i, ln in enumerate(read_text_file(args.batch_file, "batch file").splitlines())]
         lines = [(n, ln) for n, ln in lines if ln.strip()]
@@ -116,8 +115,7 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, 
         prompt = "Describe this image." if args.prompt is None else args.prompt
         try:
             ids, job.images = image_prompt(tok, prompt, args.image, image_settings(path, config), config,
-                                           settings.max_new_tokens, raw=args.raw, thinking=args.thinking,
-                                           system=args.system)
+                                           settings.max_new_tokens, chat=chat)
         except ImageError as e:
             raise UsageError(str(e)) from None
         job.ids, job.echo = [ids], ("" if tok.is_chat and not args.raw else prompt)
@@ -177,7 +175,7 @@ def sudoku_job(args, tok: Tokenizer, shape, base: GenerationSettings, name: str)
         raise UsageError(f"--sudoku: {e}") from None
     samples, grid = args.samples or sudoku.DEMO_SAMPLES, (lambda t: sudoku.from_tokens(t, shape))
     settings = base.copy(max_new_tokens=shape.cells, steps=args.steps, entropy_bound=args.entropy_bound,
-                         eos_token_ids=())
+                         temperature=args.temperature, eos_token_ids=())
     return Job("sudoku", settings, [[tok.token_id("<bos>")]], [f"sample {i + 1} of {samples}" for i in range(samples)],
                args.seed, samples, lambda t: sudoku.format_grid(grid(t), shape),
                header=f"puzzle ({sum(1 for d in puzzle if d)} givens):\n{sudoku.format_grid(puzzle, shape)}\n\n",

@@ -18,6 +18,12 @@ A layer (identical in both modes):
   m2 = post_ffw_norm_2(experts(pre_ffw_norm_2(h), router(h)))  top-8 of 128; router sees raw h
   h = (h + post_ffw_norm(m1 + m2)) * layer_scalar
 
+Copied into another project (with attention.py, moe.py and kvcache.py), the network takes a
+checkpoint's bf16 tensors by its own names: a key `model.decoder.X` is the parameter X; the keys
+under `model.encoder.` are the vision tower's (vision.py) and copies of the decoder's layer scalars,
+equal to them (skip both); the head is tied to the embedding. checkpoint.load_model does this, and
+more (shards, sharding, quantized tensors, checks).
+
     import torch; from kvcache import KVCache; from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
     model = init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name("small")), seed=0)   # random weights
     cache = KVCache(model.config.layer_types, model.config.sliding_window)

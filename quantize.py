@@ -21,7 +21,7 @@ import torch
 from checkpoint import PREFIX, ShardWriter, staged_directory, weight_map
 from hfconfig import CheckpointError, read_config, read_json
 from quant import FORMAT, dequantize, quantize, rule_for
-from terminal import Parser
+from terminal import Parser, positive
 
 
 def convert(src: Path, dst: Path, block: dict, max_shard_bytes: int = 2 ** 30, force: bool = False) -> dict:
@@ -32,6 +32,9 @@ def convert(src: Path, dst: Path, block: dict, max_shard_bytes: int = 2 ** 30, f
     if "quantization" in cfg:
         raise CheckpointError(f"{src} is already quantized; quantize the original checkpoint")
     wmap = weight_map(src)
+    if dst.exists() and not force:
+        raise FileExistsError(dst)
+    check_group_size(wmap, block)  # before anything is written
     errors = {}
     with staged_directory(dst, force) as tmp:
         shards = ShardWriter(tmp, max_shard_bytes)
@@ -57,6 +60,25 @@ def convert(src: Path, dst: Path, block: dict, max_shard_bytes: int = 2 ** 30, f
                     extra.name not in ("config.json", "model.safetensors.index.json"):
                 shutil.copy(extra, tmp / extra.name)
     return errors
+
+
+def check_group_size(wmap: dict, block: dict) -> None:
+    """ValueError (one line) unless the int4 group size divides the input size of every tensor that
+    becomes int4, read from the shards' headers."""
+    from safetensors import safe_open
+    g = block.get("group_size", 64)
+    sizes = {}
+    for name, file in wmap.items():
+        short = name[len(PREFIX):] if name.startswith(PREFIX) else None
+        if short and rule_for(short, block) == "int4":
+            with safe_open(file, framework="pt") as f:
+                sizes.setdefault(f.get_slice(name).get_shape()[-1], short)
+    bad = {n: short for n, short in sizes.items() if n % g}
+    if bad:
+        n, short = min(bad.items())
+        fits = [d for d in (16, 32, 64, 128, 256) if all(k % d == 0 for k in sizes)]
+        raise ValueError(f"--group-size {g} does not divide the input size {n} of {short}: choose one that divides "
+                         f"every int4 tensor's ({', '.join(map(str, fits)) or 'none of 16-256'})")
 
 
 def measure(src: Path, groups=(16, 32, 64, 128)) -> list[tuple]:
@@ -89,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", nargs="?", help="where to write the quantized checkpoint: a new directory "
                    "(required, except with --measure)")
     p.add_argument("--experts", choices=["int8", "int4", "none"], default="int4", help="routed experts (default int4)")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size along the input dim (default 64)")
+    p.add_argument("--group-size", type=positive(int), default=64,
+                   help="int4 group size along the input dim, dividing it (default 64)")
     p.add_argument("--symmetric", action="store_true", help="int4 without a zero point")
     p.add_argument("--attention", choices=["int8", "int4", "none"], default="int8",
                    help="attention projections (default int8)")
@@ -119,6 +142,9 @@ def main(args: argparse.Namespace) -> int:
     except FileExistsError:
         print(f"error: {args.dst} already exists: choose another destination, or --force to replace it",
               file=sys.stderr)
+        return 2
+    except ValueError as e:  # a group size that does not divide a tensor
+        print(f"error: {e}", file=sys.stderr)
         return 2
     worst = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
     print(f"wrote {args.dst}: {len(errors)} tensors quantized, mean relative error "

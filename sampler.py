@@ -162,6 +162,14 @@ class RequestError(ValueError):
     little context): the message says what to change."""
 
 
+def check_positive(name: str, value, whole: bool = True) -> None:
+    """RequestError unless value is a whole number (whole) or a number greater than 0: the check
+    every entrance applies to a request's counts and sizes (GenerationSettings.copy, request.py)."""
+    kind = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        raise RequestError(f"{name} must be {'a whole number' if whole else 'a number'} greater than 0, not {value!r}")
+
+
 class NonFiniteLogits(RuntimeError):
     """The model produced NaN logits: generation stops rather than commit garbage."""
 
@@ -235,18 +243,26 @@ class GenerationSettings:
     eos_token_ids: tuple = RELEASED_GENERATION_EOS
     pad_token_id: int = 0
 
-    def copy(self, **overrides) -> "GenerationSettings":
-        """A copy with max_new_tokens / steps / entropy_bound / eos_token_ids replaced where given."""
-        new = GenerationSettings(self.max_new_tokens, SamplerSettings(**vars(self.sampler)), self.eos_token_ids,
-                                 self.pad_token_id)
-        if overrides.get("max_new_tokens") is not None:
-            new.max_new_tokens = overrides["max_new_tokens"]
-        if overrides.get("steps") is not None:
-            new.sampler.max_steps = overrides["steps"]
-        if overrides.get("entropy_bound") is not None:
-            new.sampler.entropy_bound = overrides["entropy_bound"]
-        if overrides.get("eos_token_ids") is not None:
-            new.eos_token_ids = tuple(overrides["eos_token_ids"])
+    def copy(self, *, max_new_tokens: int | None = None, steps: int | None = None, entropy_bound: float | None = None,
+             temperature: float | None = None, eos_token_ids=None) -> "GenerationSettings":
+        """A copy with these replaced where given; temperature scales the schedule (t_min and t_max
+        times it: 1 keeps the checkpoint's). Every entrance (the command line, the Python API, the
+        server) sets a request's numbers here: RequestError for one no generation can use."""
+        for name, value, whole in (("max_new_tokens", max_new_tokens, True), ("steps", steps, True),
+                                   ("entropy_bound", entropy_bound, False), ("temperature", temperature, False)):
+            if value is not None:
+                check_positive(name, value, whole)
+        new = GenerationSettings(self.max_new_tokens, replace(self.sampler), self.eos_token_ids, self.pad_token_id)
+        if max_new_tokens is not None:
+            new.max_new_tokens = max_new_tokens
+        if steps is not None:
+            new.sampler.max_steps = steps
+        if entropy_bound is not None:
+            new.sampler.entropy_bound = float(entropy_bound)
+        if temperature is not None and temperature != 1:
+            new.sampler.t_min, new.sampler.t_max = self.sampler.t_min * temperature, self.sampler.t_max * temperature
+        if eos_token_ids is not None:
+            new.eos_token_ids = tuple(eos_token_ids)
         return new
 
     def canvases(self, canvas_length: int) -> int:

@@ -28,18 +28,17 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from api import Api, ApiError, field, tool_calls
+from api import Api, ApiError, field, fingerprint, merge_done, tool_calls
 from batcher import Batcher, Request
 from checkpoint import DeviceError
-from generate import choose_fast_path, default_device, load
+from generate import choose_fast_path, load
 from hfconfig import CheckpointError
 from sampler import RequestError
 from terminal import Parser, device_name, positive
 
 PAGE = Path(__file__).resolve().parent / "page.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOG_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,8 +56,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def log_line(self, status: int, tokens: int = 0) -> None:
-        ms = (time.perf_counter() - self.t0) * 1e3
-        print(f"{self.command} {self.path} {status} tokens={tokens} ms={ms:.0f}", file=sys.stderr, flush=True)
+        ms = (time.perf_counter() - getattr(self, "t0", time.perf_counter())) * 1e3
+        with LOG_LOCK:  # one whole line at a time: requests end on several threads at once
+            sys.stderr.write(f"{self.command} {self.path} {status} tokens={tokens} ms={ms:.0f}\n")
+            sys.stderr.flush()
+
+    def send_error(self, code, message=None, explain=None):  # http.server's own errors (a bad request line)
+        """An error http.server itself finds (a malformed request line or header), as the JSON error
+        object every other reply uses, not its HTML page."""
+        self.t0 = time.perf_counter()
+        self.command, self.path = getattr(self, "command", None) or "-", getattr(self, "path", None) or "-"
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":  # a line too broken to name its version
+            self.request_version = "HTTP/1.0"  # still answered with a status line and headers
+        self.close_connection = True
+        try:
+            self.send(code, ApiError(code, message or "bad request", kind="invalid_request_error").body(),
+                      headers=[("Connection", "close")])
+        except OSError:
+            return
+        self.log_line(code)
 
     def send(self, status: int, body: dict | str, content_type: str = "application/json", headers=()) -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
@@ -76,7 +92,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == "/":
             self.send(200, PAGE.read_text(encoding="utf-8"), "text/html; charset=utf-8")
         elif path == "/health":
-            self.send(200, {"status": "ok", "queued": s.batcher.queue.qsize()})
+            self.send(200, {"status": "ok", "model": s.name, "queued": s.batcher.queue.qsize()})
         elif path == "/v1/models" and self.authorized():
             self.send(200, {"object": "list", "data": [{"id": s.name, "object": "model", "created": s.created,
                                                         "owned_by": "diffusiongemma"}]})
@@ -116,6 +132,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "the body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        try:  # JSON may escape half of a UTF-16 pair ("\\udcff"): that is no text a tokenizer can read
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"the body holds {e.object[e.start:e.end].encode('unicode_escape').decode()}, half "
+                           "of a UTF-16 surrogate pair, which is not text: send whole characters") from None
         return body
 
     def do_POST(self):
@@ -128,22 +149,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.log_line(401)
             body = self.read_json()
             try:
-                req, how = getattr(self.service, route)(body)
+                reqs, how = getattr(self.service, route)(body)
             except RequestError as e:  # a template or pin that cannot be used as given
                 raise ApiError(400, str(e), "diffusion" if route != "chat" else "messages") from None
-            if not self.service.batcher.submit(req):
-                self.send(503, ApiError(503, "the queue is full: try again shortly", kind="overloaded").body(),
-                          headers=[("Retry-After", "1")])
-                return self.log_line(503)
+            for i, req in enumerate(reqs):
+                if not self.service.batcher.submit(req):
+                    for queued in reqs[:i]:
+                        queued.cancel()
+                    self.send(503, ApiError(503, "the queue is full: try again shortly", kind="overloaded").body(),
+                              headers=[("Retry-After", "1")])
+                    return self.log_line(503)
             if field(body, "stream", bool, False):
-                return self.stream(req, how, bool(field(body, "stream_options", dict, {}).get("include_usage")))
-            while True:
-                kind, payload = req.events.get()
-                if kind == "done":
-                    self.send(200, self.service.reply(req, how, payload))
-                    return self.log_line(200, sum(map(len, payload["tokens"])))
-                if kind == "error":
-                    raise ApiError(payload["status"], payload["message"], kind="server_error")
+                return self.stream(reqs, how, bool(field(body, "stream_options", dict, {}).get("include_usage")))
+            done = self.service.wait(reqs)
+            self.send(200, self.service.reply(reqs, how, done))
+            return self.log_line(200, sum(map(len, done["tokens"])))
         except ApiError as e:
             self.send(e.status, e.body(), headers=[("Connection", "close")] if e.status in (408, 411, 413) else ())
             self.close_connection = e.status in (408, 411, 413)
@@ -158,10 +178,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(((f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n").encode())
         self.wfile.flush()
 
-    def stream(self, req: Request, how: dict, include_usage: bool) -> None:
+    def stream(self, reqs: list[Request], how: dict, include_usage: bool) -> None:
         """Server-sent events: a chunk per committed canvas (what the text gained), a canvas event
         per step when asked, the finish reasons, then data: [DONE]. A client that leaves stops its rows."""
-        s, kind = self.service, how["kind"]
+        s, kind, req = self.service, how["kind"], reqs[0]
+        choices = sum(r.n for r in reqs)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -170,9 +191,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         obj = {"chat": "chat.completion.chunk", "completion": "text_completion"}.get(kind)
         head = {"id": how["id"], "object": obj, "created": int(time.time()), "model": s.name,
-                "system_fingerprint": f"seed-{req.seed}"}
+                "system_fingerprint": fingerprint(req.seed)}
         hold = max((len(x) for x in how["stops"]), default=1) - 1  # what could still turn into a stop string
-        sent = [["", ""] for _ in range(req.n)]  # per choice: content, reasoning sent so far
+        sent = [["", ""] for _ in range(choices)]  # per choice: content, reasoning sent so far
 
         def delta(i, parts, final):
             text, thought = parts["content"], parts["reasoning"] or ""
@@ -193,36 +214,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         try:
             if kind == "chat":
-                for i in range(req.n):
+                for i in range(choices):
                     chunk(i, {"role": "assistant", "content": ""})
+            dones = []
             while True:
                 ev, payload = req.events.get()
                 if ev == "canvas":
                     self.event({**payload, "text": s.tok.decode(payload["tokens"])}, "diffusion.canvas")
                 elif ev == "text":
-                    d = delta(payload["choice"], s.text_of(payload["tokens"], how, False), False)
+                    d = delta(payload["choice"], s.text_of(payload["tokens"], how, False, payload["choice"]), False)
                     if d:
                         chunk(payload["choice"], d)
                 elif ev == "error":
                     self.event(ApiError(payload["status"], payload["message"], kind="server_error").body())
                     break
                 elif ev == "done":
-                    for i, tokens in enumerate(payload["tokens"]):
-                        parts = s.text_of(tokens, how, True)
+                    dones.append(payload)
+                    for i, tokens in enumerate(payload["tokens"], start=payload.get("first", 0)):
+                        parts = s.text_of(tokens, how, True, i)
                         d = delta(i, parts, True)
                         if parts["calls"]:
                             d["tool_calls"] = tool_calls(parts["calls"])
                         if d:
                             chunk(i, d)
                         chunk(i, {}, parts["finish"])
+                    if len(dones) < len(reqs):
+                        continue
+                    done = merge_done(dones)
                     if include_usage and kind != "infill":
-                        self.event({**head, "choices": [], "usage": s.usage(req, payload, how)})
-                    self.log_line(200, sum(map(len, payload["tokens"])))
+                        self.event({**head, "choices": [], "usage": s.usage(reqs, done, how)})
+                    self.log_line(200, sum(map(len, done["tokens"])))
                     break
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            req.cancel()  # the worker stops these rows at the next step
+            for r in reqs:
+                r.cancel()  # the worker stops these rows at the next step
             self.log_line(499)
 
 
@@ -239,13 +266,24 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
     return f"warning: listening on {host} without --api-key: anyone who reaches it can use the model"
 
 
+def port_number(s: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {s}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of serve.py."""
     p = Parser(description="Serve DiffusionGemma over HTTP: the OpenAI API, llama.cpp's /infill, a page.")
     p.add_argument("--model", default="weights-code", help="checkpoint directory or Hugging Face repo id "
                    "(default: the bundled code model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
     p.add_argument("--batch-size", type=positive(int), default=8, help="rows generated at once (default 8)")
     p.add_argument("--queue", type=positive(int), default=64, help="requests that may wait; more get 503 (default 64)")
@@ -257,24 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_name, help="cuda, cuda:N, cpu or mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on the CPU)")
-    p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="torch",
+    p.add_argument("--kernels", choices=["auto", "cuda", "torch"],
                    help="torch (default): plain PyTorch; cuda: the CUDA kernels; auto: cuda where possible")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     import sudoku
-    device = torch.device(args.device or default_device())
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float32 if device.type == "cpu" else None)
     try:
-        model, tok = load(args.model, device, dtype)
+        model, tok = load(args.model, args.device, args.dtype)
     except (CheckpointError, DeviceError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if sudoku.shape_of(tok):
         print(f"error: {args.model} is a Sudoku model, not a model of text: serve --model weights-code", file=sys.stderr)
         return 2
-    fast, line = choose_fast_path(model, args.kernels, cuda_graph=False)
+    fast, line = choose_fast_path(model, args.kernels or "torch", cuda_graph=False)
+    if args.kernels is None:
+        line = "kernels: torch (the default; --kernels auto takes the CUDA kernels where they run)"
     batcher = Batcher(model, args.batch_size, args.queue, args.cache_mb << 20, fast=fast, thread=False,
                       wait=args.batch_wait)
     Handler.service = Api(model, tok, str(args.model), batcher, args.api_key, args.max_tokens)

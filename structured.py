@@ -1,6 +1,6 @@
 """Typed canvases: a JSON Schema as a canvas whose skeleton is pinned and whose values are holes,
 each position restricted to the tokens its type allows; and the schema's own validation. Filling
-such a canvas, repairing it and best-of-N are canvas editing (editing.generate_json).
+such a canvas, repairing it and best-of-N are canvas editing (editing.fill_json).
 
 The layout (build):
   skeleton  braces, keys, colons, commas, the quotes around strings, constants: pinned tokens

@@ -76,8 +76,11 @@ class CanvasView:
     render(ids) -> str turns the canvas into what is drawn (default: the tokenizer's decode); label
     names the row drawn ("sample 1 of 8"). On a terminal, frames stay up at least min_frame s."""
 
-    def __init__(self, render, max_steps: int, label: str = "", stream=sys.stderr, min_frame: float = 0.06):
+    def __init__(self, render, max_steps: int, label: str = "", stream=sys.stderr, min_frame: float = 0.06,
+                 column=lambda: 0):
         self.render, self.max_steps, self.label, self.out, self.lines = render, max_steps, label, stream, 0
+        self.column = column  # where the cursor stands on its line (text printed without a newline): 0 at its start
+        self.at = 0
         self.min_frame = min_frame if getattr(stream, "isatty", lambda: False)() else 0.0
         self.last = 0.0
 
@@ -92,13 +95,16 @@ class CanvasView:
         if wait > 0:
             time.sleep(wait)  # a frame a person can see
         self.clear()
+        self.at = self.column() % width
+        body = [""] * bool(self.at) + body  # mid-line (after a prompt): the frame starts on the next line
         self.out.write("\033[33m" + "\n".join(body) + "\033[0m\n")
         self.out.flush()
         self.lines, self.last = len(body), time.monotonic()
 
     def clear(self) -> None:
+        """Erase the frame, the cursor back where it stood before it."""
         if self.lines:
-            self.out.write(f"\033[{self.lines}F\033[J")
+            self.out.write(f"\033[{self.lines}F" + (f"\033[{self.at}C" if self.at else "") + "\033[J")
             self.lines = 0
 
 

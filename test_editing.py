@@ -105,7 +105,9 @@ def test_best_of_n_picks_the_first_accepted(chat_free_ckpt):
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_free_ckpt), "--template", "x = ______",
                         "--samples", "6", "--accept", "grep -q 'x = '", "--steps", "2"],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.startswith("x = ") and "6 of 6 samples accepted by grep" in p.stderr, p.stderr
+    # printed as samples are without --accept: headed by its label, the continuation alone
+    assert p.returncode == 0 and p.stdout.startswith("=== sample 1 (accepted)\nx = "), p.stdout
+    assert "6 of 6 samples accepted by grep" in p.stderr, p.stderr
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_free_ckpt), "--template", "x = ______",
                         "--samples", "3", "--accept", "false", "--steps", "2"],
                        cwd=HERE, capture_output=True, text=True, timeout=120)

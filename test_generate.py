@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import generate
+from tokenizer import ChatFormat
 import sampler
 from conftest import needs_gemma4
 
@@ -256,8 +257,9 @@ def test_a_prompt_gets_the_same_text_alone_and_in_any_batch(chat_free_ckpt, tmp_
         assert [b.split("\n")[0] for b in blocks] == ["1: the quick brown fox", "3: def add", "4: for i in range(10):"]
         assert "def add" + blocks[1].split("\n", 1)[1] == alone  # the file's line numbers head the outputs
     model, tok = generate.load(chat_free_ckpt, device="cpu", dtype=torch.float32)
-    one = generate.generate(model, tok, "def add", max_new_tokens=12, steps=3, seed=5, raw=True)
-    three = generate.generate(model, tok, ["x = 1", "def add", "y"], max_new_tokens=12, steps=3, seed=5, raw=True,
+    raw = ChatFormat(raw=True)
+    one = generate.generate(model, tok, "def add", max_new_tokens=12, steps=3, seed=5, chat=raw)
+    three = generate.generate(model, tok, ["x = 1", "def add", "y"], max_new_tokens=12, steps=3, seed=5, chat=raw,
                               batch_size=3)
     assert three[1] == one and "def add" + one + "\n" == alone
 
@@ -308,3 +310,99 @@ def test_the_closing_line_and_the_canvas_view(chat_free_ckpt):
     assert "canvas 1 · step 1/3" in err  # counts up, out of the most it may take
     rc, out, err = cli("--model", "weights-code", "--steps", 2, "--seed", 1, "x")
     assert rc == 0 and "of generation_config.json; --max-new-tokens N for more" in err.strip().splitlines()[-1]
+
+
+# ---- every entrance: the same defaults, the same refusals ---------------------------------------
+
+def test_the_api_gives_the_command_lines_text(capsys):
+    """load() picks the command line's dtype on the CPU (float32), so the same seed gives the same
+    text from Python as from `python generate.py` (generate.py's own docstring example)."""
+    model, tok = generate.load("weights-code")
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    text = generate.generate(model, tok, "def fib(n):", max_new_tokens=16, seed=0)
+    rc, out, err = in_process(capsys, "--model", "weights-code", "--max-new-tokens", 16, "--seed", 0, "--quiet",
+                              "def fib(n):")
+    assert rc == 0 and out == "def fib(n):" + text + "\n", err
+
+
+def test_bundled_models_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, tok = generate.load("weights-code")
+    assert model.checkpoint_dir == HERE / "weights-code" and tok.vocab_size == 8192
+    rc, out, err = cli("--model", "weights-code", "--max-new-tokens", 4, "--quiet", "x", cwd=tmp_path)
+    assert rc == 0 and out.startswith("x"), err
+
+
+@pytest.mark.parametrize("kwargs,flags,needle", [
+    (dict(chat=ChatFormat(thinking=True)), ["--thinking"], "has no chat format"),
+    (dict(chat=ChatFormat(system="Be brief.")), ["--system", "Be brief."], "has no chat format"),
+    (dict(steps=0), ["--steps", "0"], "greater than 0"),
+    (dict(max_new_tokens=-3), ["--max-new-tokens", "-3"], "greater than 0"),
+    (dict(entropy_bound=0.0), ["--entropy-bound", "0"], "greater than 0"),
+    (dict(batch_size=0), ["--batch-size", "0"], "greater than 0"),
+    (dict(prompt=""), [""], "is empty")])
+def test_the_api_refuses_what_the_command_line_refuses(kwargs, flags, needle, capsys):
+    model, tok = generate.load("weights-code")
+    prompt = kwargs.pop("prompt", "Plan a trip")
+    with pytest.raises(sampler.RequestError, match=needle):
+        generate.generate(model, tok, prompt, **kwargs)
+    try:
+        rc = generate.run(["--model", "weights-code", *flags, *([] if prompt == "" else [prompt])])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert_one_line_error(rc, capsys.readouterr().err, 2, needle)
+
+
+def test_the_api_refuses_a_text_prompt_to_the_sudoku_model_and_a_prompt_that_is_not_text(capsys):
+    model, tok = generate.load()
+    with pytest.raises(sampler.RequestError, match="is a Sudoku model"):
+        generate.generate(model, tok, "Why is the sky blue?")
+    rc, _, err = in_process(capsys, "Why is the sky blue?")
+    assert_one_line_error(rc, err, 2, "is a Sudoku model", "--model weights-code")
+    code, tok = generate.load("weights-code")
+    for bad in (123, None, [1, 2], []):
+        with pytest.raises(sampler.RequestError, match="must be a string or a non-empty list of strings"):
+            generate.generate(code, tok, bad)
+    with pytest.raises(sampler.RequestError, match="raw prompt"):
+        generate.generate(code, tok, "x", chat=ChatFormat(raw=True, thinking=True))
+    with pytest.raises(TypeError):  # a misspelt setting is an error, not a silent default
+        generate.settings_for(code, max_steps=3)
+
+
+def test_print_prompt_with_a_repo_id_reads_no_weights(tmp_path, monkeypatch, capsys):
+    """--print-prompt downloads the configs, the tokenizer and the template, never the safetensors;
+    a later run that needs the weights does not take that snapshot for a whole one."""
+    import huggingface_hub
+    asked = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        asked.append(allow_patterns)
+        snap = tmp_path / "hub" / "models--someone--m" / "snapshots" / "r1"
+        snap.mkdir(parents=True, exist_ok=True)
+        for f in (HERE / "weights-code").iterdir():
+            if not f.name.endswith(".safetensors") or "*.safetensors" in allow_patterns:
+                shutil.copy(f, snap / f.name)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    rc, out, err = in_process(capsys, "--model", "someone/m", "--print-prompt", "def f(x):")
+    assert rc == 0 and out.strip() == "def f(x):", err
+    assert asked == [["*.json", "tokenizer*", "*.jinja"]]
+    rc, out, err = in_process(capsys, "--model", "someone/m", "--max-new-tokens", 4, "--quiet", "x")
+    assert rc == 0 and asked[-1] == ["*.json", "tokenizer*", "*.jinja", "*.safetensors"], err
+
+
+def test_an_accept_command_that_cannot_run(capsys):
+    rc, out, err = in_process(capsys, "--model", "weights-code", "--samples", 2, "--accept", "/no/such/cmd",
+                              "--max-new-tokens", 4, "x")
+    assert rc == 2 and out == "" and "could not be run (exit 127" in err and "larger N" not in err, err
+
+
+def test_infill_at_the_top_of_a_file(capsys):
+    """An empty left side is a gap after <bos> alone (the command line, Python and the server agree)."""
+    model, tok = generate.load("weights-code")
+    text = generate.infill(model, tok, "<FILL>\nprint(1)\n", fill_length=6, seed=3)
+    rc, out, err = in_process(capsys, "--model", "weights-code", "--infill", "<FILL>\nprint(1)\n", "--fill-length", 6,
+                              "--seed", 3, "--quiet")
+    assert rc == 0 and out == text + "\nprint(1)\n\n", (out, text, err)

@@ -217,18 +217,18 @@ def test_fused_sampler_pass_takes_a_restriction():
 
 @gpu
 def test_typed_canvases_on_the_fast_path():
-    """editing.generate_json with the kernels (restricted canvases run eagerly, pinned-only
+    """editing.fill_json with the kernels (restricted canvases run eagerly, pinned-only
     repair canvases in the graph): every output of the first schemas of the suite validates."""
     import json
     from generate import choose_fast_path, load
-    from editing import generate_json
+    from editing import fill_json
     from structured import validate
     m, tok = load(HERE / "weights-code", "cuda", torch.bfloat16)
     fast, _ = choose_fast_path(m, "cuda")
     suite = json.loads((HERE / "scripts" / "schema_suite.json").read_text())
     for schema in suite[:12]:
         for seed in range(3):
-            f = generate_json(m, tok, tok.encode_raw("def f(x):"), schema, seed=seed, **fast)
+            f = fill_json(m, tok, tok.encode_raw("def f(x):"), schema, seed=seed, **fast)
             assert validate(json.loads(f.text), schema) is None, (schema, f.text)  # (no jsonschema on every GPU box)
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from checkpoint import load_model, save_checkpoint
+from conftest import threads
+from tokenizer import ChatFormat
 from generate import load, settings_for
 from kvcache import KVCache
 from sampler import block_diffusion
@@ -85,7 +87,8 @@ def hf_generate(hf, prompts, max_new_tokens, seed, **kw):
         mask[b, P - len(p):] = 1
     torch.manual_seed(seed)
     extra = {"attention_mask": mask} if len(prompts) > 1 else {}
-    return hf.generate(ids, max_new_tokens=max_new_tokens, **extra, **kw).sequences
+    with threads(1):  # transformers' own tokens move with the thread count (conftest.threads)
+        return hf.generate(ids, max_new_tokens=max_new_tokens, **extra, **kw).sequences
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -100,6 +103,20 @@ def test_generate_identical(seed, ckpt_a):
     ref = hf_generate(hf, [prompt], 48, seed)
     assert torch.equal(result.sequences, ref), (result.sequences[:, 40:], ref[:, 40:])
     assert len(result.tokens[0]) <= 48
+
+
+def test_our_tokens_do_not_depend_on_threads(ckpt_a):
+    """The claim behind pinning transformers to one thread: ours are the same at 1, 2 and 4 threads
+    (seed 1 is the case where transformers' own tokens move at two)."""
+    path, _ = ckpt_a
+    m = ours(path)
+    prompt = torch.randint(5, m.config.vocab_size, (40,), generator=torch.Generator().manual_seed(101)).tolist()
+    runs = []
+    for n in (1, 2, 4):
+        with threads(n):
+            torch.manual_seed(1)
+            runs.append(block_diffusion(m, [prompt], settings_for(m, max_new_tokens=48)).sequences)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_generate_identical_padded_batch(ckpt_a):
@@ -151,7 +168,8 @@ def test_chat_format_generation_identical(chat_ckpt):
     from generate import generate
     model, tok = load(chat_ckpt, "cpu", torch.float32)
     hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(chat_ckpt, dtype=torch.float32).eval()
-    ids = tok.prompt_ids("Why is the sky blue?", system="Be brief.", thinking=True)
+    chat = ChatFormat(thinking=True, system="Be brief.")
+    ids = tok.prompt_ids("Why is the sky blue?", chat)
     assert ids[:5] == [2, 105, 9731, 107, 98]  # <bos><|turn>system\n<|think|>
     settings = settings_for(model, max_new_tokens=16, steps=6)
     torch.manual_seed(3)
@@ -159,5 +177,5 @@ def test_chat_format_generation_identical(chat_ckpt):
     ref = hf_generate(hf, [ids], 16, 3, max_denoising_steps=6)
     assert torch.equal(result.sequences, ref)
     torch.manual_seed(3)
-    text = generate(model, tok, "Why is the sky blue?", system="Be brief.", thinking=True, max_new_tokens=16, steps=6)
+    text = generate(model, tok, "Why is the sky blue?", chat=chat, max_new_tokens=16, steps=6)
     assert text == tok.decode(tok.split_thought(result.tokens[0]).answer)

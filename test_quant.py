@@ -97,3 +97,15 @@ def test_interrupted_conversion_leaves_nothing(chat_free_ckpt, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         quantize.convert(chat_free_ckpt, tmp_path / "q", {"experts": "int8"})
     assert list(tmp_path.iterdir()) == []  # neither the destination nor a temporary directory
+
+
+@pytest.mark.parametrize("group,needle", [("7", "does not divide the input size 128"), ("0", "greater than 0"),
+                                          ("-64", "greater than 0"), ("512", "does not divide"), ("x", "not a whole")])
+def test_a_bad_group_size_is_one_line(group, needle, tmp_path):
+    p = subprocess.run([sys.executable, "quantize.py", "weights-code", str(tmp_path / "q"), "--group-size", group],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+    assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []  # nothing written
+    if "divide" in needle:
+        assert "16, 32, 64, 128" in p.stderr  # what would work

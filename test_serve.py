@@ -4,13 +4,12 @@ payload and warm-up, the page in headless Chromium, 16 concurrent clients each g
 answer, the prefix cache, a client that leaves mid-stream, a full queue, an API key, NaN logits,
 Ctrl-C, and a hundred malformed or hostile requests after which the server still serves."""
 
-import base64
 import http.client
 import json
-import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CODE_TEMPLATE, TEMPLATES, Server, needs_gemma4
+from conftest import CODE_TEMPLATE, TEMPLATES, Chrome, Server, needs_gemma4
 
 HERE = Path(__file__).resolve().parent
 openai = pytest.importorskip("openai")
@@ -85,6 +84,116 @@ def test_infill_takes_llama_vims_payload(server):
     assert {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second"} <= set(r["timings"])
 
 
+def test_infill_at_the_top_of_a_file_and_its_timings(server, code_ckpt):
+    """An empty prefix (and an empty warm-up) is answered as llama.cpp answers it: a gap after
+    <bos>; the same text generate.infill gives; prompt_ms is measured, not 0."""
+    import generate
+    status, _, warm = server.post("/infill", {"input_prefix": "", "input_suffix": "", "prompt": "", "n_predict": 0})
+    assert status == 200 and warm["content"] == "", warm
+    status, _, r = server.post("/infill", {"input_prefix": "", "prompt": "", "input_suffix": "\nprint(1)\n",
+                                           "n_predict": 8, "seed": 5})
+    model, tok = generate.load(code_ckpt)
+    assert status == 200 and r["content"] == generate.infill(model, tok, "<FILL>\nprint(1)\n", fill_length=8, seed=5)
+    assert r["timings"]["prompt_ms"] > 0 and r["timings"]["predicted_ms"] > 0
+
+
+def test_completion_prompt_forms(server, code_ckpt):
+    """OpenAI's forms of `prompt`: a list of strings, token ids, lists of token ids. Each prompt gets
+    what it gets alone with the same seed; prompt k's choices are k * n ... k * n + n - 1."""
+    import generate
+    client = server.client()
+    model, tok = generate.load(code_ckpt)
+    alone = [client.completions.create(model="x", prompt=p, max_tokens=8, seed=4, n=2) for p in ("a = ", "def g(")]
+    both = client.completions.create(model="x", prompt=["a = ", "def g("], max_tokens=8, seed=4, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [c.text for r in alone for c in r.choices]
+    assert both.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone)
+    ids = tok.encode_raw("a = ")
+    by_ids = client.completions.create(model="x", prompt=ids, max_tokens=8, seed=4, n=2)
+    assert [c.text for c in by_ids.choices] == [c.text for c in alone[0].choices]
+    many = client.completions.create(model="x", prompt=[ids, tok.encode_raw("def g(")], max_tokens=8, seed=4, n=2)
+    assert [c.text for c in many.choices] == [c.text for c in both.choices]
+    streamed = {}
+    for c in client.completions.create(model="x", prompt=["a = ", "def g("], max_tokens=8, seed=4, n=2, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+    assert [streamed[i] for i in range(4)] == [c.text for c in both.choices]
+
+
+def test_temperature_scales_the_schedule_and_fields_it_cannot_honour_are_refused(server, code_ckpt):
+    import generate
+    client = server.client()
+    model, tok = generate.load(code_ckpt)
+    ids = tok.encode_raw("x = ")
+    for t in (1, 0.5, 1.7):  # the command line's --temperature, the same text
+        got = client.completions.create(model="x", prompt="x = ", max_tokens=12, seed=0, temperature=t)
+        rc, out, err = subprocess_cli("--model", code_ckpt, "--raw", "--temperature", t, "--max-new-tokens", 12, "--quiet",
+                                      "x = ")
+        assert rc == 0 and out == "x = " + got.choices[0].text + "\n", err
+    texts = {t: client.completions.create(model="x", prompt="x = ", max_tokens=12, seed=0, temperature=t).choices[0].text
+             for t in (1, 0.5, 1.7)}
+    assert len(set(texts.values())) > 1  # it does something
+    s = generate.settings_for(model, temperature=0.5)
+    assert (s.sampler.t_min, s.sampler.t_max) == (0.5 * model.generation_settings.sampler.t_min,
+                                                  0.5 * model.generation_settings.sampler.t_max)
+    for field_, value in (("top_p", 0.5), ("logprobs", 2), ("logit_bias", {"5": 1}), ("presence_penalty", 0.3),
+                          ("temperature", 0)):
+        status, _, body = server.post("/v1/completions", {"prompt": "x", "max_tokens": 4, field_: value})
+        assert status == 400 and body["error"]["param"] == field_ and field_ in body["error"]["message"], body
+    for field_, value in (("top_p", 1), ("logprobs", None), ("logit_bias", {}), ("presence_penalty", 0)):  # neutral
+        status, _, body = server.post("/v1/completions", {"prompt": "x", "max_tokens": 4, field_: value})
+        assert status == 200, body
+    assert ids  # the prompt has tokens
+
+
+def subprocess_cli(*args):
+    p = subprocess.run([sys.executable, str(HERE / "generate.py"), *map(str, args)], capture_output=True, text=True,
+                       timeout=120)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_messages_that_point_somewhere(tmp_path):
+    """Against the bundled code model (no chat format): chat completions name the endpoints that take
+    plain text; a prompt too long is blamed on the prompt; a negative seed's fingerprint; a malformed
+    request line is the JSON error object; /health names the model; a canvas event holds only the
+    request's own positions."""
+    s = Server("weights-code")
+    try:
+        status, _, body = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and "/v1/completions" in body["error"]["message"] and "/infill" in body["error"]["message"]
+        status, _, body = s.post("/v1/completions", {"prompt": "x " * 5000, "max_tokens": 8})
+        assert status == 400 and body["error"]["param"] == "prompt", body
+        status, _, body = s.post("/v1/completions", {"prompt": "x", "max_tokens": 4, "seed": -3})
+        assert status == 200 and body["system_fingerprint"] == "seed-m3"
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"HELLO\r\n\r\n")
+        reply = sock.recv(65536).decode()
+        sock.close()
+        assert " 400 " in reply.split("\r\n")[0] and json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["message"]
+        assert json.loads(s.get("/health")[1])["model"] == "weights-code"
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        c.request("POST", "/v1/completions", json.dumps({"prompt": "def f(", "suffix": ")\n", "max_tokens": 5,
+                                                         "stream": True, "diffusion": {"stream_canvas": True}}))
+        events = [json.loads(ln[6:]) for ln in c.getresponse().read().decode().splitlines()
+                  if ln.startswith("data: {") and '"canvas"' in ln and '"step"' in ln]
+        assert events and all(len(e["tokens"]) == 5 + 2 for e in events)  # the gap and the pinned ")\n"
+    finally:
+        assert s.stop() == 0
+    assert not any("Traceback" in ln for ln in s.lines)
+    assert all(ln.count(" ms=") <= 1 for ln in s.lines)  # one log line a request, never two run together
+
+
+def test_the_readmes_client_example_runs_against_the_bundled_model():
+    """The README's client code, as written, against `python serve.py --model weights-code`."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    code = next(b for b in readme.split("```python")[1:] if "OpenAI(base_url=" in b).split("```")[0]
+    s = Server("weights-code")
+    try:
+        exec(code.replace("127.0.0.1:8000", f"127.0.0.1:{s.port}"), {})
+    finally:
+        assert s.stop() == 0
+
+
 def test_concurrent_clients_each_get_their_solo_answer(server):
     prompts = [f"def function_{i}(x, y):\n" + "    " * (i % 3) for i in range(16)]
     body = lambda i: {"prompt": prompts[i], "max_tokens": 24, "seed": 100 + i,  # noqa: E731
@@ -141,7 +250,10 @@ def hostile_requests() -> list[tuple[str, bytes, dict]]:
     j = lambda d: json.dumps(d).encode()  # noqa: E731
     cases = [("/v1/completions", b, {}) for b in (b"", b"{", b"[1, 2]", b"null", b"\xff\xfe", b'{"prompt": "a",}',
                                                  b'"just a string"', b"{'prompt': 'x'}", "{\"prompt\": \"ü\"".encode())]
-    fields = {"prompt": [None, 5, [], {}, "", ["a", "b"], [1, 2]], "max_tokens": ["8", -1, 0, 10 ** 12, 1.5, True, [8]],
+    fields = {"prompt": [None, 5, [], {}, "", [["a"]], [1, "a"], [-1], [10 ** 9], ["a"] * 17, ["a", ""], [True]],
+              "max_tokens": ["8", -1, 0, 10 ** 12, 1.5, True, [8]],
+              "temperature": [0, -1, 3, "hot"], "top_p": [0.5, "x"], "logprobs": [2, True], "top_logprobs": [3],
+              "logit_bias": [{"1": 5}], "presence_penalty": [1], "frequency_penalty": [-0.5], "best_of": [2],
               "seed": ["s", 1.5, 10 ** 30, []], "n": [0, 17, "2", -3], "stop": [5, ["a"] * 5, [""], [1]],
               "suffix": [5, []], "stream": ["yes", 1], "echo": ["no"], "diffusion": [5, "x", []],
               "model": []}
@@ -174,7 +286,10 @@ def hostile_requests() -> list[tuple[str, bytes, dict]]:
         for v in bad:
             cases.append(("/infill", j({"input_prefix": "def f():\n", name: v}), {}))
     cases.append(("/v1/completions", b"[" * 60000, {}))  # nesting deep enough to break a recursive parser
-    cases.append(("/v1/completions", j({"prompt": ["ünïcödé"] * 3, "max_tokens": 8}), {}))
+    # half of a UTF-16 surrogate pair: legal JSON, no text
+    cases += [(path, b'{"prompt": "\\udcff", "input_prefix": "\\udcff", "messages": [{"role": "user", "content": '
+                     b'"\\ud800"}]}', {}) for path in ("/v1/completions", "/infill", "/v1/chat/completions")]
+    cases.append(("/v1/completions", j({"prompt": ["ünïcödé"] * 3, "max_tokens": 8, "n": 0}), {}))
     cases += [("/v1/chat/completions", j({"messages": [{"role": "user", "content": "hi"}], "tools": "x"}), {}),
               ("/v1/completions", j({"prompt": "x " * 9000, "max_tokens": 8}), {}),  # longer than the context
               ("/v1/completions", j({"prompt": "x", "max_tokens": 5000}), {}),  # more than --max-tokens
@@ -252,54 +367,6 @@ def test_the_page_in_chromium(server, tmp_path):
     r = json.loads(box)
     area = Image.open(shot).convert("L").crop((int(r["left"]), int(r["top"]), int(r["right"]), int(r["bottom"])))
     assert sum(1 for p in area.getdata() if p < 100) > 200  # the text is drawn there
-
-
-class Chrome:
-    """Headless Chromium driven over --remote-debugging-pipe (fd 3: commands in, fd 4: replies out)."""
-
-    def __init__(self, exe: str):
-        r_in, self.w = os.pipe()
-        self.r, w_out = os.pipe()
-
-        def fds():
-            a, b = os.dup(r_in), os.dup(w_out)  # out of the way of 3 and 4 first
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-        self.p = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-                                   "--window-size=1000,900", "--hide-scrollbars", "about:blank"], preexec_fn=fds,
-                                  close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(r_in)
-        os.close(w_out)
-        self.n, self.buf, self.session = 0, b"", None
-
-    def send(self, method, params=None, session=True):
-        self.n += 1
-        msg = {"id": self.n, "method": method, "params": params or {}}
-        if session and self.session:
-            msg["sessionId"] = self.session
-        os.write(self.w, json.dumps(msg).encode() + b"\0")
-        while True:
-            while b"\0" not in self.buf:
-                self.buf += os.read(self.r, 1 << 20)
-            raw, self.buf = self.buf.split(b"\0", 1)
-            reply = json.loads(raw)
-            if reply.get("id") == self.n:
-                return reply["result"]
-
-    def open(self, url):
-        target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
-        self.send("Page.navigate", {"url": url})
-
-    def eval(self, js):
-        return self.send("Runtime.evaluate", {"expression": js, "returnByValue": True})["result"].get("value")
-
-    def screenshot(self, path):
-        Path(path).write_bytes(base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"]))
-
-    def close(self):
-        self.p.kill()
-        self.p.wait()
 
 
 # ---- servers of their own --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Typed canvases (structured.py, editing.generate_json, the sampler's restriction): the token
+"""Typed canvases (structured.py, editing.fill_json, the sampler's restriction): the token
 sets a tokenizer's vocabulary gives, the restriction inside the sampler step, schemas laid out,
 filled, repaired and refused, a suite of schemas whose every output the jsonschema library
 accepts, and the command line, Python and serve.py interfaces."""
@@ -18,13 +18,13 @@ import torch
 import structured
 import sudoku
 from conftest import CODE_TEMPLATE, GEMMA4_TOKENIZER, HERE, Server, needs_gemma4
-from generate import generate, load
+from generate import generate_json, load
 from sampler import (Allowed, DenoiseState, GenerationSettings, SamplerSettings, block_diffusion,
                      entropy, restrict, sampler_step)
 from streams import RandomStreams
-from editing import Filled, fill_typed, finish_typed, generate_json
+from editing import Filled, fill_json, fill_typed, finish_typed
 from structured import SchemaError, TokenSets, build, check_schema, token_sets, validate
-from tokenizer import Tokenizer
+from tokenizer import ChatFormat, Tokenizer
 
 SUITE = json.loads((HERE / "scripts" / "schema_suite.json").read_text())
 SEEDS = [0, 1, 2, 3, 4]
@@ -333,10 +333,11 @@ def test_python_api(code):
     model, tok = code
     schema = {"type": "object", "properties": {"lang": {"enum": ["python", "rust"]},
                                                "lines": {"type": "integer", "minimum": 1, "maximum": 500}}}
-    texts = generate(model, tok, ["def f(x):", "class A:"], json_schema=schema, seed=2, steps=12)
+    texts = [generate_json(model, tok, p, schema, seed=2, steps=12, chat=ChatFormat(raw=True))
+             for p in ["def f(x):", "class A:"]]
     for text in texts:
         jsonschema.validate(json.loads(text), schema)
-    f = generate_json(model, tok, tok.encode_raw("def f(x):"), schema, fast(model), seed=2, samples=3)
+    f = fill_json(model, tok, tok.encode_raw("def f(x):"), schema, fast(model), seed=2, samples=3)
     assert f.error is None and f.text.rstrip() == texts[0]  # sample 0 of a batch is the text alone
 
 

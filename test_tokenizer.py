@@ -10,7 +10,7 @@ import pytest
 
 from conftest import GEMMA4_TOKENIZER, TEMPLATES, needs_gemma4
 from hfconfig import CheckpointError
-from tokenizer import compile_template, load_tokenizer
+from tokenizer import ChatFormat, compile_template, load_tokenizer
 
 pytestmark = needs_gemma4
 PORTUGAL = "Write a long essay about Portugal."
@@ -85,7 +85,7 @@ def test_published_ids(tmp_path, revision):
     off = tok.apply_chat_template(user)
     assert off == (PUBLISHED_OFF if revision.startswith("release") else PUBLISHED_OFF[:-4])  # no empty thought
     assert tok.apply_chat_template(user, thinking=True) == PUBLISHED_ON
-    assert tok.prompt_ids(PORTUGAL, thinking=True) == PUBLISHED_ON
+    assert tok.prompt_ids(PORTUGAL, ChatFormat(thinking=True)) == PUBLISHED_ON
 
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))

@@ -123,8 +123,8 @@ def test_train_save_load_generate_round_trip(tmp_path):
     transformers = pytest.importorskip("transformers")
     from generate import load
     from kvcache import KVCache
-    ours, _ = load(ckpt, device="cpu")
-    hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt).eval()
+    ours, _ = load(ckpt, device="cpu", dtype=torch.float32)
+    hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=torch.float32).eval()
     prompt, canvas = torch.arange(5, 30)[None], torch.arange(40, 48)[None]
     with torch.no_grad():
         ref = hf(input_ids=prompt, decoder_input_ids=canvas).logits

@@ -148,6 +148,16 @@ def canonical_format(messages: list[dict], bos: str, add_generation_prompt: bool
     return out
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a prompt is put to the model: one user turn of the checkpoint's chat format (after a
+    system prompt, if any; thinking first, if asked), or raw: the text as written, with the
+    tokenizer's own <bos>. request.check_chat refuses what a tokenizer cannot take."""
+    raw: bool = False
+    thinking: bool = False
+    system: str | None = None
+
+
 @dataclass
 class Thought:
     """A reply split at its thought channel: thought is None when the model did not think;
@@ -228,17 +238,16 @@ class Tokenizer:
         """Token ids of a conversation [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]."""
         return self.encode(self.render_chat(messages, thinking, add_generation_prompt, tools))
 
-    def prompt_ids(self, text: str, chat: bool = True, thinking: bool = False, system: str | None = None,
-                   images: int = 0) -> list[int]:
+    def prompt_ids(self, text: str, chat: ChatFormat = ChatFormat(), images: int = 0) -> list[int]:
         """One user turn (after an optional system prompt) ready for the model to answer, in the chat
-        format when the tokenizer has one and chat is True; else the text as the tokenizer encodes it.
-        images: that many images before the text, each where the template writes it (one <|image|>
-        token, images.place_images expands it); a raw text writes <|image|> itself."""
-        if not (chat and self.is_chat):
+        format when the tokenizer has one and the prompt is not raw; else the text as the tokenizer
+        encodes it. images: that many images before the text, each where the template writes it (one
+        <|image|> token, images.place_images expands it); a raw text writes <|image|> itself."""
+        if chat.raw or not self.is_chat:
             return self.encode_raw(text)
         content = text if not images else [{"type": "image"}] * images + [{"type": "text", "text": text}]
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        return self.apply_chat_template(messages, thinking=thinking)
+        system = [{"role": "system", "content": chat.system}] if chat.system else []
+        return self.apply_chat_template(system + [{"role": "user", "content": content}], thinking=chat.thinking)
 
     def split_thought(self, ids: list[int]) -> Thought:
         """Separate `<|channel>thought\\n ... <channel|>` from the answer, by token id."""
@@ -275,14 +284,17 @@ class Tokenizer:
         return answer, calls
 
 
-def encode_prompt(tok: Tokenizer, text: str, config, max_new_tokens: int, *, raw: bool = False,
-                  thinking: bool = False, system: str | None = None, name: str = "prompt", images: int = 0) -> list[int]:
+def encode_prompt(tok: Tokenizer, text: str, config, max_new_tokens: int, chat: ChatFormat = ChatFormat(), *,
+                  name: str = "prompt", images: int = 0) -> list[int]:
     """A user turn ready for the model (config: its DiffusionGemmaConfig) in the checkpoint's chat
-    format (plain text with raw, or for a tokenizer without one); RequestError for an empty prompt,
-    a token the model has no embedding for, or one too long for its positions. images: as prompt_ids."""
+    format (plain text when raw, or for a tokenizer without one); RequestError for a prompt that is
+    not text or is empty, a token the model has no embedding for, or one too long for its positions.
+    images: as prompt_ids."""
+    if not isinstance(text, str):
+        raise RequestError(f"the {name} must be a string, not {type(text).__name__}")
     if not text.strip():
         raise RequestError(f"the {name} is empty")
-    ids = tok.prompt_ids(text, chat=not raw, thinking=thinking, system=system, images=images)
+    ids = tok.prompt_ids(text, chat, images=images)
     if ids and max(ids) >= config.vocab_size:
         raise RequestError(f"the {name} holds a token the model has no embedding for "
                            f"({tok.decode_visible([max(ids)])!r}): leave it out")

@@ -3,7 +3,7 @@ at a time, after a prompt that asks for JSON and shows the schema:
 
   plain      unconstrained generation of the layout's length: is its text valid (jsonschema)?
   template   the skeleton pinned, the holes free (no token sets, no repair): valid?
-  typed      editing.generate_json: the skeleton pinned, the holes restricted, repaired: valid?
+  typed      editing.fill_json: the skeleton pinned, the holes restricted, repaired: valid?
 
 and the time of `typed` against `plain` (the same prompt and length), as medians; mean repair
 rounds and choices snapped. --gemma4 TOKENIZER also runs a tiny random checkpoint with that
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from generate import load  # noqa: E402
 from sampler import block_diffusion  # noqa: E402
-from editing import canvas_rows, generate_json  # noqa: E402
+from editing import canvas_rows, fill_json  # noqa: E402
 from structured import SchemaError, build, token_sets  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def run(model, tok, name: str, suite: list[dict], seeds: list[int], steps: int |
             template = block_diffusion(model, [prompt], fixed, pins=pins, seeds=[seed])
             counts["template"] += valid(tok.decode(template.tokens[0]), schema)
             try:
-                typed, t_typed = timed(lambda: generate_json(model, tok, prompt, schema, settings, seed=seed))
+                typed, t_typed = timed(lambda: fill_json(model, tok, prompt, schema, settings, seed=seed))
                 counts["typed"] += valid(typed.text, schema)
                 rounds.append(typed.rounds)
                 snapped += len(typed.snapped)
