@@ -24,13 +24,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hfconfig import CheckpointError, config_to_hf, generation_config_to_hf, read_config, read_json
 from model import DiffusionGemma, DiffusionGemmaConfig
-from quant import convert_for_runtime
-from vision import Vision, VisionConfig
+
+if TYPE_CHECKING:  # quant.py and vision.py are imported where a checkpoint needs them
+    from vision import Vision, VisionConfig
 
 PREFIX = "model.decoder."  # where the checkpoint keeps the shared text stack
 ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"  # untied buffer copies
@@ -191,6 +193,7 @@ def build_on_meta(config: DiffusionGemmaConfig, dtype: torch.dtype) -> Diffusion
     with torch.device("meta"):
         net = DiffusionGemma(config).to(dtype)
         if config.quantization:
+            from quant import convert_for_runtime  # only for a quantized checkpoint
             convert_for_runtime(net, config.quantization)
     return net
 
@@ -272,7 +275,7 @@ def read_tensor(f, file: Path, name: str, want: torch.Tensor, dtype, device, *, 
     return t
 
 
-def vision_config(path: Path, config: DiffusionGemmaConfig) -> VisionConfig:
+def vision_config(path: Path, config: DiffusionGemmaConfig) -> "VisionConfig":
     """The checkpoint's vision tower config; a CheckpointError when it has no tower (the tensors
     decide: a text-only checkpoint written here names the smallest tower but stores none)."""
     d = config.passthrough.get("vision_config")
@@ -282,13 +285,14 @@ def vision_config(path: Path, config: DiffusionGemmaConfig) -> VisionConfig:
     if config.image_token_id is None or not 0 <= config.image_token_id < config.vocab_size:
         raise CheckpointError(f"{path}/config.json: image_token_id {config.image_token_id} is not one of the model's "
                               f"{config.vocab_size} tokens, so it cannot take images")
+    from vision import VisionConfig  # the tower's files: only for a prompt with images
     try:
         return VisionConfig.from_hf(d)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: vision_config: {e}; this tower is not supported") from None
 
 
-def load_vision(model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Vision:
+def load_vision(model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "Vision":
     """The vision tower and its embedder (`model.encoder.vision_tower.*`, `model.encoder.embed_vision.*`),
     read only when an image is given; whole on every rank under torchrun (0.55B parameters)."""
     path = resolve_checkpoint(model)
@@ -296,6 +300,7 @@ def load_vision(model: str | Path, device: str | torch.device = "cpu", dtype: to
     vc = vision_config(path, config)
     dtype = dtype or config.torch_dtype()
     device = open_device(device)
+    from vision import Vision
     with torch.device("meta"):
         net = Vision(vc, config.hidden_size).to(dtype)
     read_into(net, path, VISION_PREFIX, dtype, device)
@@ -371,7 +376,7 @@ class ShardWriter:
             indent=2) + "\n")
 
 
-def checkpoint_tensors(net: DiffusionGemma, vision: Vision | None = None) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(net: DiffusionGemma, vision: "Vision | None" = None) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores for net (and a vision tower), under their checkpoint names."""
     tensors = {PREFIX + k: v for k, v in net.state_dict().items()}
     for i, layer in enumerate(net.layers):
@@ -383,18 +388,20 @@ def checkpoint_tensors(net: DiffusionGemma, vision: Vision | None = None) -> dic
 
 def save_checkpoint(net: DiffusionGemma, out_dir: str | Path, max_shard_bytes: int = 16 * 2 ** 20,
                     generation=None, extra_files: list[Path] = (), force: bool = False, *,
-                    vision: Vision | None = None) -> None:
+                    vision: "Vision | None" = None, dtype: torch.dtype | None = None) -> None:
     """Write a checkpoint directory (config.json, safetensors, the generation_config.json of
     `generation` (sampler.GenerationSettings) if given, copies of extra_files) in the layout
     transformers reads and writes, atomically (staged_directory). vision: a tower to store with it
-    (net.config must then name its image tokens: image_token_id, and boi/eoi in passthrough)."""
-    hf = config_to_hf(net.config)
+    (net.config must then name its image tokens: image_token_id, and boi/eoi in passthrough).
+    dtype: the floating-point tensors cast to it as they are written (the model is left as it is)."""
+    config = net.config if dtype is None else dataclasses.replace(net.config, dtype=str(dtype).removeprefix("torch."))
+    hf = config_to_hf(config)
     if vision is not None:
         hf["vision_config"] = {"model_type": "gemma4_vision", **dataclasses.asdict(vision.config)}
     with staged_directory(out_dir, force) as tmp:
         shards = ShardWriter(tmp, max_shard_bytes)
         for name, t in checkpoint_tensors(net, vision).items():
-            shards.add(name, t)
+            shards.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
         shards.close()
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if generation is not None:

@@ -23,7 +23,7 @@ import torch
 
 from hfconfig import MINIMAL_VISION_CONFIG, config_to_hf, generation_config_to_hf
 from data import train_tokenizer
-from model import RELEASED_EOS, DiffusionGemmaConfig
+from model import CONFIGS, RELEASED_EOS, DiffusionGemmaConfig
 from sampler import GenerationSettings
 
 HERE = Path(__file__).resolve().parent
@@ -43,10 +43,7 @@ _TEST_A = dict(vocab_size=300, hidden_size=64, num_hidden_layers=6, num_attentio
                top_k_experts=2, moe_intermediate_size=32, sliding_window=16, canvas_length=16)
 # the shapes the tests build, each a handful of milliseconds on a CPU
 TEST_CONFIGS = {
-    "tiny": dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                 head_dim=16, global_head_dim=32, num_global_key_value_heads=1, intermediate_size=48, num_experts=4,
-                 top_k_experts=2, moe_intermediate_size=16, sliding_window=16, canvas_length=8, eos_token_id=[1],
-                 max_position_embeddings=4096, dtype="float32", layer_types=["sliding_attention", "full_attention"]),
+    "tiny": dict(CONFIGS["tiny"], dtype="float32"),
     # parity: A has a prompt longer than its window and many canvases; B another layer pattern, head
     # sizes and routing; C full layers with the sliding layers' head size and KV heads
     "test-a": _TEST_A,
@@ -55,11 +52,7 @@ TEST_CONFIGS = {
                    top_k_experts=3, moe_intermediate_size=16, sliding_window=24, canvas_length=8,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
     "test-c": dict(_TEST_A, global_head_dim=None, num_global_key_value_heads=None, canvas_length=8),
-    # the shapes the CUDA kernels take (hidden and expert sizes multiples of 64, head_dim of 16)
-    "test-kernels": dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
-                         intermediate_size=128, num_experts=8, top_k_experts=2, moe_intermediate_size=64,
-                         sliding_window=48, canvas_length=32),
+    "test-kernels": CONFIGS["tiny-kernels"],  # the shapes the CUDA kernels take
 }
 
 
@@ -215,11 +208,54 @@ CODE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+# ---- running the programs: the command line in a subprocess or in this process, torchrun --------
+
+def cli(*args, cwd=HERE, timeout=180, env=None):
+    """python generate.py ARGS in a subprocess: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(HERE / "generate.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
+    return p.returncode, p.stdout, p.stderr
+
+
+def in_process(capsys, *args):
+    """generate.run(ARGS) in this process (quicker): (exit code, stdout, stderr)."""
+    import generate
+    rc = generate.run([*map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, code, *needles):
+    """A user's mistake: exit `code`, no traceback, one line `error: ...` holding every needle."""
+    assert rc == code, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+
+
+DIST_ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+
+
+def torchrun(*args, n=2, timeout=120):
+    """torchrun --nproc-per-node n ARGS (gloo on the CPU), each rank one thread."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+                           str(29500 + os.getpid() % 1000), *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=DIST_ENV)
+
+
+def single(*args):
+    """python generate.py ARGS in one process, as the torchrun ranks are set up."""
+    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          timeout=120, env=DIST_ENV)
+
+
 class Server:
-    """serve.py in a subprocess on a free loopback port; its stderr collected line by line."""
+    """The server (python -m server) in a subprocess on a free loopback port; its stderr collected line by line."""
 
     def __init__(self, model, *flags):
-        self.p = subprocess.Popen([sys.executable, str(HERE / "serve.py"), "--model", str(model), "--port", "0",
+        self.p = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model), "--port", "0",
                                    "--device", "cpu", *map(str, flags)], cwd=HERE, stderr=subprocess.PIPE, text=True,
                                   env=dict(os.environ, PYTHONWARNINGS="ignore"))
         self.lines, first = [], self.p.stderr.readline()

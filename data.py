@@ -3,7 +3,7 @@
 The .py files of this interpreter's standard library (tests excluded), about 5% of them held out by
 name and never trained on, a manifest with each file's sha256, and a byte-level BPE tokenizer
 trained on the training files with the special tokens <pad> <eos> <bos> <unk> at ids 0-3, as the
-model's config names them. Used by train.py, eval.py and the tests.
+model's config names them. Used by train.py, scripts/eval.py and the tests.
 
     from data import stdlib_files, is_held_out
     files = [f for f in stdlib_files() if not is_held_out(f)]

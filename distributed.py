@@ -34,7 +34,7 @@ from torch import nn
 from model import DiffusionGemma
 from moe import Experts
 
-TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("DIFFUSIONGEMMA_DIST_TIMEOUT", "120")))
+TIMEOUT = datetime.timedelta(seconds=120)
 
 
 def launched() -> bool:
@@ -194,7 +194,7 @@ class VocabEmbedding(nn.Embedding):
 
 
 class ShardedDiffusionGemma(DiffusionGemma):
-    """The tied head over a vocabulary split across ranks: logits gathered, soft embeddings reduced."""
+    """The tied head over a vocabulary split across ranks: logits gathered, self-conditioning embeddings reduced."""
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         local = F.linear(h, self.embedding_matrix()).float()  # (B, S, V / N)
@@ -203,7 +203,7 @@ class ShardedDiffusionGemma(DiffusionGemma):
         cap = self.config.final_logit_softcapping
         return torch.tanh(torch.cat(parts, dim=-1) / cap) * cap
 
-    def soft_embed(self, logits: torch.Tensor) -> torch.Tensor:
+    def sc_embed(self, logits: torch.Tensor) -> torch.Tensor:
         E = self.embedding_matrix()  # (V / N, D)
         first = self.embed_tokens.first
         probs = logits.softmax(dim=-1, dtype=torch.float32)[..., first: first + E.shape[0]].to(E.dtype)

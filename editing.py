@@ -11,7 +11,7 @@ renoised) and is committed as is (sampler.py). On top of that:
             and a check that accepts them
   typed     a JSON Schema's canvas (structured.build: the skeleton pinned, each value a hole whose
             positions take only the tokens its type allows) denoised with the holes restricted
-            (sampler.Allowed); each hole is then checked against its schema, and one that fails is
+            (structured.Allowed); each hole is then checked against its schema, and one that fails is
             renoised with every valid span pinned, up to `rounds` rounds; then the first of the
             samples that validates (fill_json)
 A request that cannot be met as asked raises sampler.RequestError, whose message says what to change.
@@ -27,8 +27,8 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 
-from sampler import Allowed, GenerationSettings, RequestError, block_diffusion, check_context
-from structured import Hole, Layout, SchemaError, build, check_schema, token_sets, validate
+from sampler import GenerationSettings, RequestError, block_diffusion, check_context
+from structured import Allowed, Hole, Layout, SchemaError, build, check_schema, token_sets, validate
 from tokenizer import Tokenizer
 
 FILL = "<FILL>"

@@ -34,7 +34,7 @@ from images import ImageError, checkpoint_of, embed_images, image_prompt, image_
 from job import Job, print_prompt, read_job
 from request import check_chat, check_prompts, check_text_model
 from sampler import (GenerationSettings, NonFiniteLogits, RequestError, check_context, check_positive, denoise_canvas,
-                     growing_cache, run_batches)
+                     run_batches)
 from terminal import (CanvasView, Display, Parser, Progress, StreamPrinter, UsageError, closing_line, device_name, dim,
                       free_memory, out_of_memory_line, positive, stopped)
 from tokenizer import ChatFormat, Tokenizer, encode_prompt, load_tokenizer
@@ -57,25 +57,35 @@ def default_device() -> str:
 
 
 def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype: str | torch.dtype | None = None,
-         tokenizer: str | None = None, sharding=None) -> tuple:
+         sharding=None, adapter: str | Path | None = None) -> tuple:
     """(model, tokenizer) from a checkpoint directory (the bundled ones by name from any folder) or
     a Hugging Face repo id. dtype None or "auto": the checkpoint's dtype on a GPU, float32 on the CPU
     (where bf16 matmuls are slow), as the command line and the server do, so that the same seed gives
-    the same text everywhere. The model carries its generation_config.json as
-    model.generation_settings. sharding: distributed.Sharding."""
+    the same text everywhere. adapter: a LoRA adapter directory (lora.py, PEFT's format) applied
+    without merging. The model carries its generation_config.json as model.generation_settings.
+    sharding: distributed.Sharding."""
     path = resolve_checkpoint(model)
     config = read_config(path)
-    tok = load_tokenizer(path, tokenizer, config.vocab_size)  # before the weights: fail fast
-    return load_weights(path, config, device, dtype, sharding, name=str(model)), tok
+    tok = load_tokenizer(path, config.vocab_size)  # before the weights: fail fast
+    return load_weights(path, config, device, dtype, sharding, name=str(model), adapter=adapter), tok
 
 
 def load_weights(path: Path, config, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 sharding=None, name: str | None = None):
+                 sharding=None, name: str | None = None, adapter: str | Path | None = None):
     """The network of a resolved checkpoint whose config.json was read (load's second half)."""
+    if adapter is not None:
+        from lora import read_adapter
+        read_adapter(adapter)  # a directory that is no adapter: said before the weights are read
+        if sharding is not None:
+            raise RequestError("an adapter cannot be split across ranks yet: merge it (python finetune.py --merge) "
+                               "and run the merged checkpoint")
     device = open_device(device or default_device())
     net = load_model(path, device, compute_dtype(dtype, device), sharding, config=config)
     net.generation_settings = read_generation_config(path, net.config.eos_token_id)
     net.checkpoint_dir, net.checkpoint_name = path, name or str(path)  # embed_images finds the tower there
+    if adapter is not None:
+        from lora import load_adapter
+        load_adapter(net, adapter)
     return net
 
 
@@ -213,10 +223,10 @@ def choose_fast_path(model, kernels: str = "auto", cuda_graph: bool = True) -> t
     step on top of them. Returns block_diffusion's denoise and new_cache, and the line announcing
     the choice ("kernels: cuda ✓ (...), cuda graph ✓" or "kernels: torch (why)")."""
     from cuda_kernels import sampler_stats, use_kernels
-    from cudagraph import GraphedDenoiser
+    from cuda_kernels.graph import GraphedDenoiser
     line = use_kernels(model, kernels)
     if not line.startswith("kernels: cuda"):
-        return {"denoise": denoise_canvas, "new_cache": growing_cache}, line
+        return {"denoise": denoise_canvas, "new_cache": None}, line
     graphed = GraphedDenoiser(sampler_stats, use_graph=cuda_graph)
     return {"denoise": graphed, "new_cache": graphed.new_cache}, line + (", cuda graph ✓" if cuda_graph else "")
 
@@ -230,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(description="Generate with DiffusionGemma (block diffusion).")
     p.add_argument("prompt", nargs="?", help="the prompt (default: the bundled model's demo)")
     p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: ./weights)")
-    p.add_argument("--tokenizer", help="tokenizer.json to use instead of the checkpoint's")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (finetune.py's, or PEFT's) applied to the model")
     p.add_argument("--max-new-tokens", type=positive(int), help="new tokens at most (default: generation_config.json)")
     p.add_argument("--steps", type=positive(int), help="maximum denoising steps per canvas (default: the checkpoint's)")
     p.add_argument("--entropy-bound", type=positive(float), help="entropy budget of the tokens accepted per step")
@@ -265,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (auto: the checkpoint's on a GPU, float32 on the CPU)")
     p.add_argument("--kernels", choices=["auto", "cuda", "torch"], default="torch",
                    help="torch (default): plain PyTorch; cuda: the CUDA kernels and graph; auto: cuda where possible")
-    p.add_argument("--no-cuda-graph", action="store_true", help="with CUDA kernels, run each step without a CUDA graph")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no closing line")
     return p
 
@@ -372,9 +381,8 @@ def main(args: argparse.Namespace) -> int:
     name = args.model or "weights"
     path = resolve_checkpoint(args.model or DEFAULT_MODEL_DIR, weights=not args.print_prompt)
     config = read_config(path)
-    tok = load_tokenizer(path, args.tokenizer, config.vocab_size)
+    tok = load_tokenizer(path, config.vocab_size)
     job = read_job(args, tok, config, read_generation_config(path, config.eos_token_id), name, path)
-    job.batch_size = args.batch_size
     if args.print_prompt:
         return print_prompt(job, tok)
     device = open_device(args.device or default_device())
@@ -382,17 +390,17 @@ def main(args: argparse.Namespace) -> int:
     try:
         if distributed.launched():
             model = distributed.load_sharded(
-                lambda sharding, dev: load_weights(path, config, dev, args.dtype, sharding, name), device.type,
-                CheckpointError)
+                lambda sharding, dev: load_weights(path, config, dev, args.dtype, sharding, name, args.adapter),
+                device.type, CheckpointError)
             if int(os.environ["RANK"]):  # under torchrun only rank 0 speaks
                 quiet, sys.stdout = True, open(os.devnull, "w")
         else:
-            model = load_weights(path, config, device, args.dtype, name=name)
+            model = load_weights(path, config, device, args.dtype, name=name, adapter=args.adapter)
         soft = None if not job.images else embed_images(model, job.images)  # the vision tower: only now
     except torch.OutOfMemoryError as e:
         raise DeviceError(out_of_memory_line(device, e, loading=True)) from None
     # no graph under torchrun: the experts of a rank pick their tokens with a host-side nonzero
-    fast, line = choose_fast_path(model, args.kernels, not args.no_cuda_graph and not distributed.launched())
+    fast, line = choose_fast_path(model, args.kernels, cuda_graph=not distributed.launched())
     announce = None if args.kernels == "torch" and model.device.type != "cuda" else line  # nothing chosen on a CPU
     display = Display(quiet, args.show_canvas or (job.mode == "sudoku" and sys.stderr.isatty()), announce)
     if job.mode == "json":

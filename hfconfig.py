@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 from model import DiffusionGemmaConfig
-from quant import FORMAT as QUANT_FORMAT
 from sampler import GenerationSettings, SamplerSettings
 
 MODEL_TYPE = "diffusion_gemma"
+QUANT_FORMAT = "diffusiongemma-weight-only"  # config.json's quantization.format (quant.py writes and reads it)
 PASSTHROUGH = ("vision_config", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
 # transformers cannot build DiffusionGemma without a vision config; a checkpoint trained here has no
 # vision tower, so it names the smallest one (transformers initialises it at load; text never uses it)

@@ -13,7 +13,11 @@ its processor (`processing_gemma4.py`, Gemma4Processor):
   6. prompt    each image token the chat template writes (<|image|>) becomes
                <|image> + n_soft x <|image|> + <image|>, n_soft = patches / k^2 (280 at most, released)
 
-Pillow is needed only here, and only when an image is given.
+Pillow is needed only here, and only when an image is given. Where torchvision is installed,
+transformers picks its torchvision processor instead, whose bicubic resize differs slightly in the
+pixels; this follows the Pillow one. Images go with one prompt (the command line's --image, generate's
+images=, the server's image_url parts); with --chat, --batch-file, a template or a JSON Schema they
+are refused in one line.
 
     from images import ImageSettings, image_patches
     from PIL import Image

@@ -57,28 +57,23 @@ class Job:
     budget: str = ""  # the limit that cuts a text short, as the closing line names it
     batch_size: int | None = None
     schema: dict | None = None  # --json / --json-schema: what the output must satisfy
-    allowed: object = None  # sampler.Allowed: the tokens positions of every sample may take
+    allowed: object = None  # structured.Allowed: the tokens positions of every sample may take
     images: list | None = None  # --image: the prompt's images, cut into patches (images.Patches)
 
 
-def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, path=None) -> Job:
-    """Decide the mode (the one place), read every file the flags name, encode the prompts and check
-    everything that needs no weights. path: the checkpoint directory (needed with --image)."""
-    text = {f: read_text_file(getattr(args, f + "_file"), f"--{f}-file") if getattr(args, f + "_file") else getattr(args, f)
-            for f in ("infill", "template")}
+def mode_of(args, text: dict) -> str:
+    """The one mode the flags ask for ("prompt", "batch", "infill", "template", "sudoku", "chat" or
+    "json"), after the checks on which flags go together. text: --infill's and --template's text."""
     modes = [m for m, on in (("batch", args.batch_file), ("infill", text["infill"] is not None),
                              ("template", text["template"] is not None), ("sudoku", args.sudoku), ("chat", args.chat),
                              ("json", args.json_schema or args.json)) if on]
-    shape, samples = sudoku.shape_of(tok), args.samples or 1
+    samples = args.samples or 1
     if len(modes) > 1 or (modes and modes[0] not in ("template", "json") and args.prompt is not None):
         raise UsageError("give one of: a prompt, --batch-file, --infill, --template, --sudoku, --chat "
                          "(--json and --json-schema take a prompt)")
     if "json" in modes and (args.pin or args.accept):
         raise UsageError(f"--{'pin' if args.pin else 'accept'} does not go with --json/--json-schema: the schema "
                          "pins the canvas, and every sample is checked against it")
-    if args.image:
-        from checkpoint import vision_config
-        vision_config(path, config)  # a checkpoint without a tower: said before anything else is read
     if args.image and modes:
         raise UsageError(f"--image goes with a prompt (images come before it in the chat format; with --raw, "
                          f"<|image|> marks where each goes), not with --{modes[0].replace('batch', 'batch-file')}")
@@ -88,61 +83,91 @@ def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, 
         raise UsageError("--samples works on one input: a prompt, --infill, --template or --sudoku")
     if len(args.hole) != 1:
         raise UsageError(f"--hole must be one character, not {args.hole!r}")
-    if modes == ["sudoku"] or (shape is not None and not modes and args.prompt is None):
+    return modes[0] if modes else "prompt"
+
+
+def read_job(args, tok: Tokenizer, config, base: GenerationSettings, name: str, path=None) -> Job:
+    """Decide the mode (the one place), read every file the flags name, encode the prompts and check
+    everything that needs no weights. path: the checkpoint directory (needed with --image)."""
+    text = {f: read_text_file(getattr(args, f + "_file"), f"--{f}-file") if getattr(args, f + "_file") else getattr(args, f)
+            for f in ("infill", "template")}
+    mode = mode_of(args, text)
+    if args.image:
+        from checkpoint import vision_config
+        vision_config(path, config)  # a checkpoint without a tower: said before anything else is read
+    shape = sudoku.shape_of(tok)
+    if mode == "sudoku" or (shape is not None and mode == "prompt" and args.prompt is None):
         return sudoku_job(args, tok, shape, base, name)
-    if modes != ["template"]:
+    if mode != "template":
         check_text_model(tok, name)
     chat = ChatFormat(args.raw, args.thinking, args.system)
     check_chat(tok, name, chat, conversation=args.chat)
     settings = base.copy(max_new_tokens=args.max_new_tokens, steps=args.steps, entropy_bound=args.entropy_bound,
                          temperature=args.temperature)
-    accept = args.accept and shell_accept(args.accept)
-    pins = {k: v for spec in args.pin for k, v in parse_pin(tok, spec).items()}
-    job = Job(modes[0] if modes else "prompt", settings, [], [f"sample {i + 1}" for i in range(samples)], args.seed,
-              samples, render=lambda t: tok.decode(tok.split_thought(t).answer), pins=pins or None,
-              judge=f"by {args.accept}", show_thought=args.thinking,
+    samples = args.samples or 1
+    job = Job(mode, settings, [], [f"sample {i + 1}" for i in range(samples)], args.seed, samples,
+              render=lambda t: tok.decode(tok.split_thought(t).answer), judge=f"by {args.accept}",
+              show_thought=args.thinking, batch_size=args.batch_size,
+              pins={k: v for spec in args.pin for k, v in parse_pin(tok, spec).items()} or None,
               budget=f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens else
               f"the {settings.max_new_tokens} new tokens of generation_config.json; --max-new-tokens N for more")
     encode = lambda t, what="prompt": encode_prompt(tok, t, config, job.settings.max_new_tokens, chat, name=what)  # noqa: E731
-    if job.mode == "batch":
-        lines = [(i + 1, ln) for i, ln in enumerate(read_text_file(args.batch_file, "batch file").splitlines())]
-        lines = [(n, ln) for n, ln in lines if ln.strip()]
-        if not lines:
-            raise UsageError(f"batch file {args.batch_file} has no prompts (one prompt a line)")
-        job.ids, job.labels = [encode(ln, f"prompt on line {n}") for n, ln in lines], [f"{n}: {ln[:60]}" for n, ln in lines]
-    elif job.mode == "prompt" and args.image:
+    if mode == "batch":
+        batch_job(job, args.batch_file, encode)
+    elif mode == "prompt":
+        prompt_job(job, args, tok, config, encode, chat=chat, path=path)
+    elif mode == "json":
+        job.ids, job.schema = [encode(args.prompt) if args.prompt else [config.bos_token_id]], read_schema(args)
+        check_context(config, len(job.ids[0]), check_schema_fits(job.schema, tok, config, job.samples))
+    elif mode in ("infill", "template"):
+        fill_job(job, text[mode], args, tok, config, encode)
+    if job.pins and max(job.pins) >= job.settings.max_new_tokens:
+        raise RequestError(f"a pinned position ({max(job.pins)}) is beyond the {job.settings.max_new_tokens} new tokens")
+    if args.accept:
+        accept = shell_accept(args.accept)
+        job.check = lambda t: accept(job.echo + job.render(t))
+    return job
+
+
+def batch_job(job: Job, batch_file: str, encode) -> None:
+    """--batch-file: a prompt a line (empty lines skipped), each output headed by its line number."""
+    lines = [(i + 1, ln) for i, ln in enumerate(read_text_file(batch_file, "batch file").splitlines())]
+    lines = [(n, ln) for n, ln in lines if ln.strip()]
+    if not lines:
+        raise UsageError(f"batch file {batch_file} has no prompts (one prompt a line)")
+    job.ids, job.labels = [encode(ln, f"prompt on line {n}") for n, ln in lines], [f"{n}: {ln[:60]}" for n, ln in lines]
+
+
+def prompt_job(job: Job, args, tok: Tokenizer, config, encode, *, chat: ChatFormat, path) -> None:
+    """One prompt (with --image, its images before it); a raw prompt is echoed before its continuation."""
+    if args.image:
         from images import ImageError, image_prompt, image_settings
         prompt = "Describe this image." if args.prompt is None else args.prompt
         try:
             ids, job.images = image_prompt(tok, prompt, args.image, image_settings(path, config), config,
-                                           settings.max_new_tokens, chat=chat)
+                                           job.settings.max_new_tokens, chat=chat)
         except ImageError as e:
             raise UsageError(str(e)) from None
-        job.ids, job.echo = [ids], ("" if tok.is_chat and not args.raw else prompt)
-    elif job.mode == "prompt":
+    else:
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
-        job.ids, job.echo = [encode(prompt)], ("" if tok.is_chat and not args.raw else prompt)
-    elif job.mode == "infill":
-        left, canvas = parse_infill(tok, text["infill"], args.fill_length)
-        before, after = text["infill"].split(FILL)
+        ids = encode(prompt)
+    job.ids, job.echo = [ids], ("" if tok.is_chat and not args.raw else prompt)
+
+
+def fill_job(job: Job, text: str, args, tok: Tokenizer, config, encode) -> None:
+    """--infill (the left side the prompt, the right side pinned after the gap) or --template (the
+    holes free, the rest pinned): a canvas of exactly its length, no early end."""
+    if job.mode == "infill":
+        left, canvas = parse_infill(tok, text, args.fill_length)
+        before, after = text.split(FILL)
         job.ids, job.render = [left], lambda t: before + tok.decode(t[: args.fill_length]) + after
-    elif job.mode == "json":
-        job.ids, job.schema = [encode(args.prompt) if args.prompt else [config.bos_token_id]], read_schema(args)
-        length = check_schema_fits(job.schema, tok, config, job.samples)
-        check_context(config, len(job.ids[0]), length)
-    elif job.mode == "template":
-        canvas = parse_template(tok, text["template"], args.hole)
+    else:
+        canvas = parse_template(tok, text, args.hole)
         job.ids, job.render = [encode(args.prompt) if args.prompt else [config.bos_token_id]], tok.decode
-    if job.mode in ("infill", "template"):
-        canvas.pin(pins)
-        check_context(config, len(job.ids[0]), canvas.length)
-        job.mode, job.pins = "fill", canvas.pins
-        job.settings = job.settings.copy(max_new_tokens=canvas.length, eos_token_ids=())  # exactly the canvas
-    if pins and max(pins) >= job.settings.max_new_tokens:
-        raise RequestError(f"a pinned position ({max(pins)}) is beyond the {job.settings.max_new_tokens} new tokens")
-    if accept:
-        job.check = lambda t: accept(job.echo + job.render(t))
-    return job
+    canvas.pin(job.pins or {})
+    check_context(config, len(job.ids[0]), canvas.length)
+    job.mode, job.pins = "fill", canvas.pins
+    job.settings = job.settings.copy(max_new_tokens=canvas.length, eos_token_ids=())  # exactly the canvas
 
 
 def read_schema(args) -> dict:

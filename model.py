@@ -145,6 +145,16 @@ CONFIGS: dict[str, dict] = {
                      intermediate_size=256, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
                      sliding_window=64, max_position_embeddings=80, canvas_length=36,
                      eos_token_id=[1]),  # weights/: 6x6 Sudoku, one canvas a grid (sudoku.py)
+    # toy sizes that run in milliseconds: smoke runs of train.py, the tests; and the smallest shape the
+    # CUDA kernels take (sizes multiples of 64, head_dim 16k) for scripts/bench.py --tiny
+    "tiny": dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                 head_dim=16, global_head_dim=32, num_global_key_value_heads=1, intermediate_size=48, num_experts=4,
+                 top_k_experts=2, moe_intermediate_size=16, sliding_window=16, canvas_length=8, eos_token_id=[1],
+                 max_position_embeddings=4096, layer_types=["sliding_attention", "full_attention"]),
+    "tiny-kernels": dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
+                         intermediate_size=128, num_experts=8, top_k_experts=2, moe_intermediate_size=64,
+                         sliding_window=48, canvas_length=32),
 }
 
 
@@ -177,8 +187,8 @@ class SelfConditioning(MLP):
         self.pre_norm = RMSNorm(hidden_size, eps)
         self.post_norm = RMSNorm(hidden_size, eps, with_scale=False)
 
-    def forward(self, embeds: torch.Tensor, soft_embeds: torch.Tensor) -> torch.Tensor:
-        return self.post_norm(embeds + super().forward(self.pre_norm(soft_embeds)))
+    def forward(self, embeds: torch.Tensor, sc_embeds: torch.Tensor) -> torch.Tensor:
+        return self.post_norm(embeds + super().forward(self.pre_norm(sc_embeds)))
 
 
 class Block(nn.Module):
@@ -253,7 +263,7 @@ class DiffusionGemma(nn.Module):
         dequant = getattr(self.embed_tokens, "dequantize", None)
         return dequant() if dequant is not None else self.embed_tokens.weight
 
-    def soft_embed(self, logits: torch.Tensor) -> torch.Tensor:
+    def sc_embed(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * embed_scale: the expected embedding under the previous prediction."""
         E = self.embedding_matrix()
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(E.dtype)  # (B, C, V)
@@ -283,20 +293,26 @@ class DiffusionGemma(nn.Module):
 
     # -- the two modes ------------------------------------------------------------------------
     def forward_causal(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
-                       images: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Causal pass over new tokens ids (B, S); appends their K/V to cache. Returns the final
         normed hidden states (B, S, D). valid (B, S) marks real tokens in a left-padded batch.
-        images (where (B, S) bool, soft (N, D)): the tokens at `where` (row by row) take the vision
-        tower's embeddings instead of their own, and each run of them attends within itself both ways."""
+        image_embeds (N, D): the vision tower's embeddings of the N image tokens
+        (config.image_token_id) of ids, row by row; they take the place of the tokens' own, and each
+        run of them attends within itself both ways."""
         B, S = ids.shape
         cache.extend_valid(valid, B, S, ids.device)
         positions = cache.positions(S, ids.device)  # (1, S)
-        if images is None:
+        if image_embeds is None:
             h, blocks = self.embed(ids), None
         else:
-            where, soft = images
+            where = ids == self.config.image_token_id  # (B, S)
+            if valid is not None:
+                where &= valid
+            if int(where.sum()) != len(image_embeds):
+                raise ValueError(f"the ids hold {int(where.sum())} image tokens but {len(image_embeds)} image embeddings "
+                                 "were given")
             h = self.embed(ids.masked_fill(where, self.config.pad_token_id))
-            h = h.masked_scatter(where[..., None], soft.to(h.dtype))
+            h = h.masked_scatter(where[..., None], image_embeds.to(h.dtype))
             blocks = None
             if self.config.bidirectional_images:
                 starts = where & ~F.pad(where[:, :-1], (1, 0), value=False)  # the first token of each image
@@ -312,8 +328,8 @@ class DiffusionGemma(nn.Module):
         previous step's temperature-scaled logits (None on the first step). Returns fp32 logits
         (B, C, V). The cache is only read."""
         e = self.embed(canvas)  # (B, C, D)
-        soft = torch.zeros_like(e) if self_conditioning_logits is None else self.soft_embed(self_conditioning_logits)
-        h = self.self_conditioning(e, soft)
+        sc = torch.zeros_like(e) if self_conditioning_logits is None else self.sc_embed(self_conditioning_logits)
+        h = self.self_conditioning(e, sc)
         positions = cache.positions(canvas.shape[1], canvas.device)  # (1, C)
         valids = [cache.canvas_valid(i) for i in range(self.config.num_hidden_layers)]  # the keys each layer may see
         h = self.run_layers(h, positions, cache, valids, "canvas")

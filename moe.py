@@ -29,23 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import RMSNorm
-
 
 class Router(nn.Module):
     """Picks each token's top-k experts and their weights, from the raw residual stream."""
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float = 1e-6):
         super().__init__()
-        self.top_k = top_k
-        self.norm = RMSNorm(hidden_size, eps, with_scale=False)
+        self.top_k, self.eps = top_k, eps
         self.proj = nn.Linear(hidden_size, num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
         self.scalar_root_size = hidden_size ** -0.5
 
+    def normed(self, h: torch.Tensor) -> torch.Tensor:
+        """What the projection sees: h RMS-normalised without a weight (in fp32, as attention.RMSNorm
+        does), times the router's own scale and 1/sqrt(D)."""
+        x = h.float()
+        x = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        return x.type_as(h) * self.scale * self.scalar_root_size  # (T, D)
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, D) -> weights (T, K) fp32, expert ids (T, K)."""
-        z = self.norm(h) * self.scale * self.scalar_root_size  # (T, D)
+        z = self.normed(h)  # (T, D)
         probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # (T, E)
         weights, idx = torch.topk(probs, k=self.top_k, dim=-1)  # (T, K)
         weights = weights / weights.sum(dim=-1, keepdim=True)

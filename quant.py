@@ -37,7 +37,7 @@ from torch import nn
 from model import DiffusionGemma
 from moe import Experts
 
-FORMAT = "diffusiongemma-weight-only"
+FORMAT = "diffusiongemma-weight-only"  # config.json's quantization.format (hfconfig.QUANT_FORMAT checks it)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +193,16 @@ def convert_for_runtime(net: DiffusionGemma, block: dict) -> None:
                 setattr(mod, child_name, QuantEmbedding(child.num_embeddings, child.embedding_dim, net.dtype))
 
 
+def quantize_in_slices(w: torch.Tensor, kind: str, group_size: int, zero_point: bool, experts: int = 16) -> dict:
+    """quantize(w, ...) of a stack of experts (E, out, in) `experts` at a time: the same bits (scales
+    and zero points are per row), but the fp32 temporaries of one slice instead of the whole stack
+    (6 GB for a released (128, 1408, 2816) stack, 0.76 GB for 16 of it)."""
+    if w.ndim < 3 or w.shape[0] <= experts:
+        return quantize(w, kind, group_size, zero_point)
+    parts = [quantize(w[i: i + experts], kind, group_size, zero_point) for i in range(0, w.shape[0], experts)]
+    return {suffix: torch.cat([p[suffix] for p in parts]) for suffix in parts[0]}
+
+
 def quantized_copy(net: DiffusionGemma, block: dict, free_source: bool = False) -> DiffusionGemma:
     """A quantized model built from an in-memory one, tensor by tensor, on the same device. Tensors
     that stay unquantized are shared, not copied. free_source: drop each source tensor once used, so
@@ -206,7 +216,7 @@ def quantized_copy(net: DiffusionGemma, block: dict, free_source: bool = False) 
     for name in list(src):
         kind = rule_for(name, block)
         if kind:
-            parts = quantize(src[name], kind, block.get("group_size", 64), block.get("zero_point", True))
+            parts = quantize_in_slices(src[name], kind, block.get("group_size", 64), block.get("zero_point", True))
             state.update({name + suffix: v for suffix, v in parts.items()})
             if free_source:
                 src[name] = None

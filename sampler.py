@@ -25,10 +25,19 @@ One sampler step (sampler_step):
   4. next canvas = sampled at accepted positions, fresh random tokens everywhere else
   5. a row stops when its argmax did not change since the previous step (stable) and its mean
      entropy is < confidence_threshold (confident)
-Positions may be restricted to sets of tokens (Allowed: JSON values, Sudoku digits, closing tags):
-their other logits become -inf before step 1, so the temperature, the entropy (and with it the
-bound), the sample and the argmax all see only the allowed tokens. Without a restriction the step
-is bit for bit the same.
+Positions may be restricted to sets of tokens (JSON values, Sudoku digits, closing tags; the sets
+are built elsewhere, structured.Allowed): their other logits become -inf before step 1, so the
+temperature, the entropy (and with it the bound), the sample and the argmax all see only the
+allowed tokens. Without a restriction the step is bit for bit the same.
+
+What the loop needs of a model (model.DiffusionGemma has it; a copy of this file with streams.py and
+kvcache.py works with any model that does the same):
+  model.config.canvas_length, .vocab_size, .layer_types, .sliding_window; model.device, model.dtype
+  model.forward_causal(ids (B, S), cache, valid (B, S) | None, image_embeds | None)
+      reads ids causally after what the cache holds, appends their K/V, advances cache.length
+  model.forward_canvas(canvas (B, C), cache, sc_logits (B, C, V) | None) -> fp32 logits (B, C, V)
+      reads the cache only; sc_logits: the previous step's temperature-scaled logits
+  the cache: kvcache.KVCache(config.layer_types, config.sliding_window), or new_cache's
 
 Random numbers (streams.RandomStreams) are drawn in this order, per canvas one randint (the initial
 canvas), per step one multinomial then one randint (the renoise), from torch's default generator
@@ -90,30 +99,10 @@ def entropy_bound_accept(token_entropy: torch.Tensor, bound: float) -> torch.Ten
     return torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
 
 
-@dataclass
-class Allowed:
-    """Which tokens positions may take: `sets`, a small table of token-id lists, and per row (or one
-    for every row) {offset from the first new token: index into sets}; other positions are free."""
-    sets: list[list[int]]
-    rows: list[dict[int, int]]
-
-    def for_canvas(self, ci: int, B: int, C: int, V: int, device) -> tuple | None:
-        """(bias (S, V): 0 where allowed, -inf elsewhere; [(flat positions (B*C) of a set, set index)])
-        for canvas ci of B rows, or None when it restricts nothing."""
-        groups: dict[int, list[int]] = {}
-        for b, j, k in in_canvas(self.rows, ci, B, C):
-            groups.setdefault(k, []).append(b * C + j)
-        if not groups:
-            return None
-        bias = torch.full((len(self.sets), V), float("-inf"), device=device)
-        for k, ids in enumerate(self.sets):
-            bias[k, torch.tensor(ids, dtype=torch.long, device=device)] = 0.0
-        return bias, [(torch.tensor(rows, device=device), k) for k, rows in sorted(groups.items())]
-
-
 def restrict(raw: torch.Tensor, allowed: tuple) -> torch.Tensor:
     """raw (B, C, V) with -inf for every token a restricted position may not take, in place: one
-    add of a set's row per restricted position, no (B, C, V) temporary."""
+    add of a set's row per restricted position, no (B, C, V) temporary. allowed: (bias (S, V), 0
+    where a set allows a token and -inf elsewhere; [(flat positions (B*C) of a set, set index)])."""
     bias, groups = allowed
     flat = raw.view(-1, raw.shape[-1])
     for rows, k in groups:
@@ -133,7 +122,7 @@ class DenoiseState:
     rng: RandomStreams
     pinned: torch.Tensor | None = None  # (B, C) bool: positions fixed by the caller (infill, closing tags)
     pinned_tokens: torch.Tensor | None = None  # (B, C) their tokens
-    allowed: tuple | None = None  # Allowed.for_canvas: the sets restricted positions may take
+    allowed: tuple | None = None  # restrict's (bias, groups): the sets restricted positions may take
     index: int = 0  # which canvas of the generation this is
     accepted: torch.Tensor | None = None  # (B, C) positions accepted at the last step
     entropy: torch.Tensor | None = None  # (B, C) token entropies at the last step
@@ -142,9 +131,10 @@ class DenoiseState:
     def start(cls, batch: int, length: int, vocab_size: int, rng: RandomStreams, steps: int, *,
               pins: tuple | None = None, allowed: tuple | None = None, index: int = 0,
               done: torch.Tensor | None = None) -> "DenoiseState":
-        """A fresh canvas of random tokens. pins: (pinned, tokens), both (B, C); allowed:
-        Allowed.for_canvas. done (B,): rows whose sequence has ended; per-row streams leave them out
-        (frozen, drawing nothing)."""
+        """A fresh canvas of random tokens. pins: (pinned, tokens), both (B, C); allowed: restrict's
+        pair. done (B,): rows whose sequence has ended; per-row streams leave them out (frozen,
+        drawing nothing: that is how transformers' draws go when rows share one stream, and a row
+        of its own must not draw for a sequence that has ended)."""
         device = rng.device
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         if done is not None and rng.per_row:
@@ -179,19 +169,19 @@ class NonFiniteLogits(RuntimeError):
         self.canvas, self.step = canvas, step
 
 
-def logit_stats(raw: torch.Tensor, T: torch.Tensor, state: DenoiseState) -> tuple:
+def logit_stats(raw: torch.Tensor, temp: torch.Tensor, state: DenoiseState) -> tuple:
     """Steps 1-2 and the renoise draw, on the plain path: raw (B, C, V) fp32 and the temperature ->
     (sampled, argmax, entropy, scaled logits, noise). Stops at NaN logits, before sampling from them.
     The seam of this file: a fused pass with this signature (cuda_kernels.fused_stats) replaces it."""
     B, C, V = raw.shape
-    logits = raw / T  # (B, C, V)
-    h = entropy(logits)  # (B, C); NaN wherever the logits are
-    if not bool(torch.isfinite(h).all()):
+    logits = raw / temp  # (B, C, V)
+    token_entropy = entropy(logits)  # (B, C); NaN wherever the logits are
+    if not bool(torch.isfinite(token_entropy).all()):
         raise NonFiniteLogits(state.index, int(state.step))
     drawing = ~state.finished
     sampled = state.rng.multinomial(torch.softmax(logits, dim=-1, dtype=torch.float32), drawing)
     noise = state.rng.randint(V, B, C, drawing)  # drawn after the samples: transformers' order
-    return sampled, torch.argmax(logits, dim=-1), h, logits, noise
+    return sampled, torch.argmax(logits, dim=-1), token_entropy, logits, noise
 
 
 def stability(history: torch.Tensor | None, argmax: torch.Tensor, k: int) -> tuple:
@@ -210,13 +200,13 @@ def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, s: SamplerSettin
     """Turn one denoising pass's raw logits (B, C, V) fp32 into the next state. Pinned positions
     count as certain (entropy 0, always accepted) and keep their token; finished rows keep their
     canvas and argmax (their self-conditioning logits are not kept: nothing reads them)."""
-    T = temperature(state.step, s, raw_logits.device)
+    temp = temperature(state.step, s, raw_logits.device)
     if state.allowed is not None:
         raw_logits = restrict(raw_logits, state.allowed)
-    sampled, argmax, h, logits, noise = stats(raw_logits, T, state)  # 1-2
+    sampled, argmax, token_entropy, logits, noise = stats(raw_logits, temp, state)  # 1-2
     if state.pinned is not None:
-        h = h.masked_fill(state.pinned, 0.0)
-    accepted = entropy_bound_accept(h, s.entropy_bound)  # 3
+        token_entropy = token_entropy.masked_fill(state.pinned, 0.0)
+    accepted = entropy_bound_accept(token_entropy, s.entropy_bound)  # 3
     canvas = torch.where(accepted, sampled, noise)  # 4: renoise everything not accepted
     if state.pinned is not None:
         canvas = torch.where(state.pinned, state.pinned_tokens, canvas)
@@ -226,9 +216,9 @@ def sampler_step(state: DenoiseState, raw_logits: torch.Tensor, s: SamplerSettin
         argmax = torch.where(finished[:, None], state.argmax, argmax)
         canvas = torch.where(finished[:, None], state.canvas, canvas)
         stable, history = stability(history, argmax, s.stability_threshold)
-        finished = finished | (stable & (h.mean(dim=-1) < s.confidence_threshold))
+        finished = finished | (stable & (token_entropy.mean(dim=-1) < s.confidence_threshold))
     return replace(state, canvas=canvas, argmax=argmax, sc_logits=logits.to(sc_dtype), finished=finished,
-                   history=history, step=state.step - 1, accepted=accepted, entropy=h)
+                   history=history, step=state.step - 1, accepted=accepted, entropy=token_entropy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,43 +361,25 @@ def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     return seq, (None if bool(valid.all()) else valid)
 
 
-def image_slots(seq: torch.Tensor, valid: torch.Tensor | None, images, image_token_id: int | None):
-    """forward_causal's images pair (where (B, P), embeddings (N, D)) for per-row embeddings, or None."""
-    if images is None or all(x is None for x in images):
-        return None
-    where = seq == image_token_id
-    if valid is not None:
-        where &= valid
-    for b, x in enumerate(images):
-        if int(where[b].sum()) != (0 if x is None else len(x)):
-            raise ValueError(f"row {b} has {int(where[b].sum())} image tokens but {0 if x is None else len(x)} "
-                             "image embeddings")
-    return where, torch.cat([x for x in images if x is not None]).to(seq.device)
-
-
-def growing_cache(model, batch: int, capacity: int) -> KVCache:
-    """The default cache factory of block_diffusion: the plain KVCache, which grows as it is written."""
-    return KVCache(model.config.layer_types, model.config.sliding_window)
-
-
 @torch.no_grad()
 def block_diffusion(model, prompts: list[list[int]], settings: GenerationSettings, *, pins=None, allowed=None,
                     seeds=None, images=None, on_step=None, on_canvas=None, denoise=denoise_canvas,
-                    new_cache=growing_cache, cache: KVCache | None = None) -> GenerationResult:
+                    new_cache=None, cache: KVCache | None = None) -> GenerationResult:
     """Generate continuations of token-id prompts (a batch, left padded).
 
     pins: per row {offset from the first new token: token id}; those positions of the canvases are
-    fixed (infill, templates, closing tags) and never renoised. allowed (Allowed): the token sets
-    positions may take.
+    fixed (infill, templates, closing tags) and never renoised. allowed: the token sets positions
+    may take, anything with for_canvas(canvas index, B, C, V, device) -> restrict's pair or None
+    (structured.Allowed).
     seeds: per row, the seed of its own random stream, or the RandomStreams themselves; None: torch's
     default generator, shared by the batch, as transformers draws.
-    images: per row, the vision tower's embeddings (n, D) of the row's image tokens
-    (config.image_token_id, n of them, in order), or None for a row without images.
+    images: per row, the embeddings (n, D) that take the place of the row's n image tokens in the
+    causal pass (forward_causal's image_embeds), or None for a row without images.
     on_step(canvas_index, step, state) after every denoising step; on_canvas(canvas_index, new, finished)
     after every commit, new (B, tokens so far) the committed tokens after the prompts.
     denoise: denoise_canvas, or a faster function with its signature;
-    new_cache(model, batch, capacity): the KV cache of a generation (growing_cache, or a fast path's
-    fixed buffers).
+    new_cache(model, batch, capacity): the KV cache of a generation, a fast path's fixed buffers (None:
+    the plain KVCache, which grows as it is written).
     cache: a KVCache that already holds what came before the prompts (a chat's earlier turns; the
     prompts are then the tokens it lacks); left holding everything committed.
     """
@@ -418,15 +390,19 @@ def block_diffusion(model, prompts: list[list[int]], settings: GenerationSetting
     B, P = seq.shape
     max_length = P + settings.max_new_tokens
     eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
-    cache = cache if cache is not None else new_cache(model, B, settings.positions(P, C))
+    if cache is None:
+        cache = KVCache(c.layer_types, c.sliding_window) if new_cache is None else \
+            new_cache(model, B, settings.positions(P, C))
     rng = seeds if isinstance(seeds, RandomStreams) else RandomStreams(seeds, device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     result = GenerationResult(sequences=seq, tokens=[], prompt_length=P)
     t0 = time.perf_counter()
 
-    pending, pending_valid, soft = seq, valid, image_slots(seq, valid, images, c.image_token_id)
+    pending, pending_valid = seq, valid
+    image_embeds = None if images is None or all(x is None for x in images) else \
+        torch.cat([x for x in images if x is not None]).to(device)  # (N, D), row by row
     for ci in range(settings.canvases(C)):
-        model.forward_causal(pending, cache, pending_valid, soft if ci == 0 else None)  # 1. read what the cache lacks
+        model.forward_causal(pending, cache, pending_valid, image_embeds if ci == 0 else None)  # 1. read what is new
         state = DenoiseState.start(B, C, V, rng, settings.sampler.max_steps, pins=canvas_pins(pins, ci, B, C, device),
                                    allowed=None if allowed is None else allowed.for_canvas(ci, B, C, V, device),
                                    index=ci, done=finished)  # 2. a random canvas

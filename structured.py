@@ -4,7 +4,7 @@ such a canvas, repairing it and best-of-N are canvas editing (editing.fill_json)
 
 The layout (build):
   skeleton  braces, keys, colons, commas, the quotes around strings, constants: pinned tokens
-  holes     every value: a few positions, each with a token set (sampler.Allowed) from the
+  holes     every value: a few positions, each with a token set (Allowed) from the
             tokenizer's own vocabulary (TokenSets: a byte-level BPE token can hold several characters)
     string    tokens that may stand inside a JSON string (no quote, backslash or control character);
               with minLength / maxLength, only tokens whose lengths keep the total within them
@@ -29,7 +29,31 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from sampler import RequestError
+import torch
+
+from sampler import RequestError, in_canvas
+
+@dataclass
+class Allowed:
+    """Which tokens positions may take, for block_diffusion's allowed=: `sets`, a small table of
+    token-id lists, and per row (or one for every row) {offset from the first new token: index into
+    sets}; other positions are free. A JSON value's hole, a Sudoku cell, a field of digits."""
+    sets: list[list[int]]
+    rows: list[dict[int, int]]
+
+    def for_canvas(self, ci: int, B: int, C: int, V: int, device) -> tuple | None:
+        """sampler.restrict's pair for canvas ci of B rows: (bias (S, V): 0 where allowed, -inf
+        elsewhere; [(flat positions (B*C) of a set, set index)]), or None when it restricts nothing."""
+        groups: dict[int, list[int]] = {}
+        for b, j, k in in_canvas(self.rows, ci, B, C):
+            groups.setdefault(k, []).append(b * C + j)
+        if not groups:
+            return None
+        bias = torch.full((len(self.sets), V), float("-inf"), device=device)
+        for k, ids in enumerate(self.sets):
+            bias[k, torch.tensor(ids, dtype=torch.long, device=device)] = 0.0
+        return bias, [(torch.tensor(rows, device=device), k) for k, rows in sorted(groups.items())]
+
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
                "writeOnly", "type", "enum", "const", "anyOf"}

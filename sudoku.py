@@ -23,14 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler import Allowed, GenerationSettings, SamplerSettings, block_diffusion
+from sampler import GenerationSettings, SamplerSettings, block_diffusion
+from structured import Allowed
 
 FIRST_CELL_TOKEN = 4  # after <pad> <eos> <bos> <unk>
 BOS = 2
 # givens of the evaluation slices: "easy" (>= 30 of 81, and the same share of 36) and "hard"
 EASY = {6: (14, 20), 9: (30, 40)}
 HARD = {6: (8, 11), 9: (20, 25)}
-VALIDATION_SEED, TEST_SEED = 10 ** 6, 2 * 10 ** 6  # puzzles seen while training / reported by eval.py
+VALIDATION_SEED, TEST_SEED = 10 ** 6, 2 * 10 ** 6  # puzzles seen while training / reported by scripts/eval.py
 DEMO_SAMPLES = 8  # bare `python generate.py` solves its puzzle best-of-8, with the rules as the check
 # the 9x9 model's size (model.CONFIGS["sudoku-6"] is the bundled 6x6 one): 7.8M parameters, one canvas a grid
 SUDOKU_9 = dict(vocab_size=4 + 81 * 9, hidden_size=256, num_hidden_layers=8, num_attention_heads=4,

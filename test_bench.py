@@ -8,8 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-import bench
+from scripts import bench
+
+pytestmark = pytest.mark.slow  # every test here starts programs
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,3 +54,37 @@ def test_device_check_dry_run(tmp_path):
     vision = json.loads((tmp_path / "out" / "bench_vision.json").read_text())
     assert [r["system"] for r in vision["rows"]] == ["vision tower, 1 image", "vision tower, 4 images"]
     assert all(r["max_abs_diff"] < 1e-4 and r["ms_per_image"] > 0 for r in vision["rows"])
+
+
+def test_transformers_model_is_built_on_meta_then_once_on_the_device():
+    """build_hf never holds the encoder's and the decoder's copies of the stack (101 GB at the released
+    shape): the two paths share storage, and with the same weights the model gives what a model
+    constructed directly gives, buffers included (the encoder's layer scalars copied from the decoder's)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from conftest import test_config
+    cfg = test_config("test-b")
+    hf = bench.build_hf(cfg, "cpu", torch.float32)
+    enc, dec = hf.model.encoder.language_model, hf.model.decoder
+    assert enc.layers[0].mlp.gate_proj.weight.data_ptr() == dec.layers[0].mlp.gate_proj.weight.data_ptr()
+    assert hf.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr()
+    assert all(torch.equal(e.layer_scalar, d.layer_scalar) for e, d in zip(enc.layers, dec.layers))
+    with bench.on_device("cpu", torch.float32):
+        direct = DiffusionGemmaForBlockDiffusion(hf.config).eval()
+    direct.load_state_dict(hf.state_dict())
+    for (name, a), (_, b) in zip(hf.named_buffers(), direct.named_buffers()):
+        assert torch.equal(a, b), name
+    prompt, canvas = torch.arange(3, 30)[None], torch.arange(40, 48)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=prompt, decoder_input_ids=canvas).logits,
+                                   direct(input_ids=prompt, decoder_input_ids=canvas).logits, atol=0, rtol=0)
+
+
+def test_device_check_reruns_one_phase(tmp_path):
+    """PHASES=micro runs env and micro only (a second call in the same loan repeats what failed)."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PHASES="micro")
+    p = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=HERE, capture_output=True, text=True,
+                       timeout=300, env=env)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert p.returncode == 0, summary + p.stderr[-2000:]
+    ran = [ln.split("] ", 1)[1].split(":")[0] for ln in summary.splitlines() if ": exit " in ln]
+    assert ran == ["env", "build", "micro"], summary

@@ -10,6 +10,8 @@ import pytest
 
 import sudoku
 
+pytestmark = pytest.mark.slow  # every test here starts programs
+
 HERE = Path(__file__).resolve().parent
 
 

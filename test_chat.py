@@ -72,6 +72,7 @@ def test_long_reply_rolls_back_committed_canvases(chat_ckpt):
     assert_same_cache(chat.cache, fresh_pass(model, chat.cached))
 
 
+@pytest.mark.slow
 def test_chat_from_a_pipe(chat_ckpt):
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_ckpt), "--chat", "--steps", "2",
                         "--max-new-tokens", "8", "--system", "Be brief."], input="hi\nwhat is 2+2?\n/reset\nagain\n",

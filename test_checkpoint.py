@@ -249,6 +249,7 @@ def test_corrupted_checkpoint_is_one_line(case, tmp_path, capsys):
     assert sorted((p.name, p.stat().st_size) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.slow
 def test_corruption_through_the_command_line(tmp_path):
     """The same, as a user runs it: exit 1, one line, no traceback."""
     import subprocess

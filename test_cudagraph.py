@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import test_config
-from cudagraph import GraphedDenoiser, StaticKVCache
+from cuda_kernels.graph import GraphedDenoiser, StaticKVCache
 from kvcache import KVCache
 from model import DiffusionGemma, init_weights
 from moe import Experts, expert_mlp
-from sampler import Allowed, GenerationSettings, SamplerSettings, block_diffusion, entropy
+from sampler import GenerationSettings, SamplerSettings, block_diffusion, entropy
+from structured import Allowed
 
 
 class DenseExperts(Experts):
@@ -79,7 +80,7 @@ def test_graphs_equal_the_same_steps_run_eagerly(confidence, seeds):
 
 
 def test_restricted_canvases_run_the_keyed_steps_eagerly():
-    """A canvas with positions restricted to token sets (sampler.Allowed) on the fast path: the
+    """A canvas with positions restricted to token sets (structured.Allowed) on the fast path: the
     keyed sampler pass sees the restricted logits (every restricted token is in its set), that canvas
     runs eagerly, the others in the graphs, and the tokens are those of the fast path run eagerly."""
     model = model_without_host_sync(2)
@@ -135,11 +136,11 @@ def test_static_cache_takes_a_prompt_with_an_image():
     ids[:, 6:36] = 7
     valid = torch.ones(2, 40, dtype=torch.bool)
     valid[1, :3] = False
-    soft = torch.randn(60, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    image_embeds = torch.randn(60, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     out = []
     for cache in (KVCache(model.config.layer_types, model.config.sliding_window),
                   GraphedDenoiser(keyed_stats).new_cache(model, 2, 64)):
-        model.forward_causal(ids, cache, valid, images=(ids == 7, soft))
+        model.forward_causal(ids, cache, valid, image_embeds)
         out.append(model.forward_canvas(torch.arange(50, 58).repeat(2, 1), cache))
     torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=0)  # logits up to 30: fp32 sums in two orders
 

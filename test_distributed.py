@@ -1,26 +1,15 @@
 """Tensor and expert parallelism on the CPU (gloo, 2 processes started by torchrun): the same tokens
 as one process, each rank holding only its share of the weights, and one clear error when a rank fails."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import single, torchrun
+
+pytestmark = pytest.mark.slow  # every test here starts programs
+
 HERE = Path(__file__).resolve().parent
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", DIFFUSIONGEMMA_DIST_TIMEOUT="30", PYTHONPATH=str(HERE))
-
-
-def torchrun(*args, n=2, timeout=120):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-                           str(29500 + os.getpid() % 1000), *map(str, args)], cwd=HERE, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def single(*args):
-    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
-                          timeout=120, env=ENV)
 
 
 @pytest.mark.parametrize("name", ["a", "b"])  # a: 1 KV head on the full layers (kept whole on both ranks)
@@ -39,6 +28,7 @@ def test_two_ranks_generate_what_one_does(name, ckpt_a, ckpt_b, tmp_path):
 SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 import checkpoint, distributed
+
 path, mode = sys.argv[1], sys.argv[2]
 if mode == "fail":
     real = checkpoint.weight_map

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from editing import Canvas, fill, parse_infill, parse_template
@@ -63,6 +64,7 @@ def test_template_parsing(chat_free_ckpt):
     assert left == tok.encode_raw("def f(") and gap == Canvas(3 + len(b), {3 + i: t for i, t in enumerate(b)})
 
 
+@pytest.mark.slow
 def test_infill_and_template_api_and_cli(chat_free_ckpt):
     model, tok = load(chat_free_ckpt, device="cpu", dtype=torch.float32)
     assert isinstance(infill(model, tok, "def add(a, b):<FILL>    return a + b\n", fill_length=6, steps=3, seed=0), str)
@@ -78,6 +80,7 @@ def test_infill_and_template_api_and_cli(chat_free_ckpt):
     assert p.returncode == 0 and p.stdout.startswith("for i in ") and p.stdout.rstrip("\n").endswith(":"), p.stderr
 
 
+@pytest.mark.slow
 def test_pin_closing_token_cli(chat_free_ckpt):
     p = subprocess.run([sys.executable, "generate.py", "--model", str(chat_free_ckpt), "--max-new-tokens", "12",
                         "--pin", "11:)", "--steps", "3", "--raw", "print("],
@@ -86,6 +89,7 @@ def test_pin_closing_token_cli(chat_free_ckpt):
     assert p.stdout.rstrip("\n").endswith(")")
 
 
+@pytest.mark.slow
 def test_best_of_n_picks_the_first_accepted(chat_free_ckpt):
     model, tok = load(chat_free_ckpt, device="cpu", dtype=torch.float32)
     canvas = parse_template(tok, "x = ______")

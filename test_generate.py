@@ -1,7 +1,6 @@
 """The command line and the Python API: real runs end to end, the prompt as the model gets it, thoughts
 shown apart, batches in order, Ctrl-C, NaN logits, out of memory, and every user mistake as one line."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,32 +12,12 @@ import torch
 import generate
 from tokenizer import ChatFormat
 import sampler
-from conftest import needs_gemma4
+from conftest import assert_one_line_error, cli, in_process, needs_gemma4
 
 HERE = Path(__file__).resolve().parent
 
 
-def cli(*args, cwd=HERE, timeout=180, env=None):
-    p = subprocess.run([sys.executable, str(HERE / "generate.py"), *map(str, args)], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
-    return p.returncode, p.stdout, p.stderr
-
-
-def in_process(capsys, *args):
-    rc = generate.run([*map(str, args)])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, code, *needles):
-    assert rc == code, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in err, err
-
-
+@pytest.mark.slow
 def test_generates_end_to_end(chat_free_ckpt):
     rc, out, err = cli("--model", chat_free_ckpt, "--max-new-tokens", 10, "--steps", 3, "--seed", 1, "def add")
     assert rc == 0, err
@@ -61,6 +40,7 @@ def test_python_api_and_exact_max_new_tokens(chat_free_ckpt):
     assert len(r.tokens[0]) == 11  # ... trimmed to exactly 11 tokens
 
 
+@pytest.mark.slow
 def test_batches_keep_the_input_order(chat_free_ckpt, tmp_path, monkeypatch):
     f = tmp_path / "prompts.txt"
     f.write_text("".join(f"prompt number {i}\n" for i in range(7)) + "\n", encoding="utf-8")
@@ -80,12 +60,14 @@ def test_batches_keep_the_input_order(chat_free_ckpt, tmp_path, monkeypatch):
     assert max(sizes) <= generate.MAX_DEFAULT_BATCH and sum(len(r.tokens) for r in results) == 200
 
 
+@pytest.mark.slow
 def test_show_canvas(chat_free_ckpt):
     rc, out, err = cli("--model", chat_free_ckpt, "--show-canvas", "--max-new-tokens", 8, "--steps", 3, "x")
     assert rc == 0, err
     assert "canvas 1 · step 3" in err and "\033[" in err
 
 
+@pytest.mark.slow
 @needs_gemma4
 def test_print_prompt_needs_no_weights(chat_ckpt, tmp_path):
     d = shutil.copytree(chat_ckpt, tmp_path / "c")
@@ -96,6 +78,7 @@ def test_print_prompt_needs_no_weights(chat_ckpt, tmp_path):
     assert err.strip().endswith("tokens")
 
 
+@pytest.mark.slow
 @needs_gemma4
 def test_thinking_is_shown_apart(chat_ckpt):
     """A reply that begins with a thought (pinned here): the answer on stdout, the thought on stderr."""
@@ -200,6 +183,7 @@ def test_batch_file_not_utf8(chat_free_ckpt, tmp_path, capsys):
     assert_one_line_error(*in_process(capsys, "--model", chat_free_ckpt, "--batch-file", f)[::2], 2, "not UTF-8")
 
 
+@pytest.mark.slow
 def test_no_model_anywhere(tmp_path):
     """Without --model, generate.py uses ./weights; a copy of the program without it says what to do."""
     for f in HERE.glob("*.py"):
@@ -242,6 +226,7 @@ def test_a_device_that_fails_while_loading_is_the_devices_fault(monkeypatch, cap
 
 # ---- the same seed, the same text, whatever the batch -------------------------------------------
 
+@pytest.mark.slow
 def test_a_prompt_gets_the_same_text_alone_and_in_any_batch(chat_free_ckpt, tmp_path):
     """Every prompt draws from its own stream (--seed): its text does not depend on the prompts
     beside it, nor on --batch-size (whose default depends on the free memory)."""
@@ -274,12 +259,6 @@ def test_chat_flags_need_a_chat_format(flags, capsys):
     assert out == ""
 
 
-def test_a_tokenizer_of_another_model_is_refused(capsys):
-    rc, _, err = in_process(capsys, "--model", "weights-code", "--tokenizer", "weights/tokenizer.json", "--device", "cpu",
-                            "x")
-    assert_one_line_error(rc, err, 2, "weights/tokenizer.json has 220 tokens", "8192", "--tokenizer")
-
-
 @pytest.mark.parametrize("flag,needle", [(["--pin", "-1:x"], "OFFSET 0 or more"), (["--pin=-1:x"], "cannot be negative")])
 def test_a_negative_pin(flag, needle, capsys):
     try:
@@ -302,6 +281,7 @@ def test_batch_file_mistakes_come_before_the_weights(tmp_path, capsys):
     assert_one_line_error(rc, err, 2, "the prompt on line 2 has", "positions")
 
 
+@pytest.mark.slow
 def test_the_closing_line_and_the_canvas_view(chat_free_ckpt):
     rc, out, err = cli("--model", chat_free_ckpt, "--steps", 3, "--show-canvas", "--max-new-tokens", 8, "x")
     assert rc == 0, err
@@ -325,6 +305,7 @@ def test_the_api_gives_the_command_lines_text(capsys):
     assert rc == 0 and out == "def fib(n):" + text + "\n", err
 
 
+@pytest.mark.slow
 def test_bundled_models_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, tok = generate.load("weights-code")
@@ -399,6 +380,7 @@ def test_an_accept_command_that_cannot_run(capsys):
     assert rc == 2 and out == "" and "could not be run (exit 127" in err and "larger N" not in err, err
 
 
+@pytest.mark.slow
 def test_infill_at_the_top_of_a_file(capsys):
     """An empty left side is a gap after <bos> alone (the command line, Python and the server agree)."""
     model, tok = generate.load("weights-code")

@@ -41,11 +41,8 @@ def test_choice_of_path_on_cpu():
         assert cuda_kernels.use_kernels(net, "auto").startswith("kernels: torch (no CUDA device")
         with pytest.raises(cuda_kernels.KernelBuildError, match="need a CUDA device"):
             cuda_kernels.use_kernels(net, "cuda")
-    for layer in net.layers:  # as if the kernels had been switched on
-        layer.experts.__class__ = cuda_kernels.fast_class(type(layer.experts), cuda_kernels.FusedExperts)
-        layer.self_attn.__class__ = cuda_kernels.fast_class(type(layer.self_attn), cuda_kernels.GQAAttention)
     assert cuda_kernels.use_kernels(net, "torch") == "kernels: torch (asked for)"
-    assert all(type(l.experts) is Experts and type(l.self_attn) is Attention for l in net.layers)
+    assert all(type(l.experts) is Experts and type(l.self_attn) is Attention for l in net.layers)  # left plain
     assert all(type(m) is RMSNorm for m in net.modules() if isinstance(m, RMSNorm))
 
 
@@ -60,10 +57,8 @@ def test_the_fast_classes_keep_what_their_subclasses_add():
     fused_local = cuda_kernels.fast_class(LocalExperts, cuda_kernels.FusedExperts)
     assert fused_local.forward is LocalExperts.forward  # which calls on into the kernel ...
     assert fused_local.__mro__.index(cuda_kernels.FusedExperts) == fused_local.__mro__.index(LocalExperts) + 1
-    for made, plain in ((fused_quant, QuantExperts), (fused_local, LocalExperts),
-                        (cuda_kernels.FusedExperts, Experts), (cuda_kernels.FusedRMSNorm, RMSNorm)):
-        assert cuda_kernels.plain_class(made) is plain
     assert cuda_kernels.fast_class(QuantExperts, cuda_kernels.FusedExperts) is fused_quant  # made once
+    assert cuda_kernels.fast_class(fused_quant, cuda_kernels.FusedExperts) is fused_quant  # switched already
 
 
 def test_shapes_the_kernels_take():
@@ -201,7 +196,8 @@ def test_fused_sampler_pass_equals_plain():
 def test_fused_sampler_pass_takes_a_restriction():
     """Logits restricted to a token set (-inf elsewhere, sampler.restrict): the fused pass samples
     and picks only allowed tokens there, its entropy is the plain one over them, nothing is NaN."""
-    from sampler import Allowed, entropy, restrict
+    from sampler import entropy, restrict
+    from structured import Allowed
     torch.manual_seed(0)
     B, C, V = 2, 64, 4096
     ids = torch.randperm(V)[:37].tolist()
@@ -249,7 +245,7 @@ def test_fused_samples_follow_softmax():
     raw.scatter_(-1, peak[..., None], 30.0)  # softmax puts all but e^-17 of each row on its peak
     sampled, _, _, _, noise = cuda_kernels.sampler_stats(raw, torch.tensor(1.0, device="cuda"), keys(8))
     assert (sampled != peak).sum().item() <= 2  # the bug: about 32 of these 2048 rows
-    assert noise.float().mean().item() == pytest.approx(V / 2, rel=0.02)  # uniform over the vocabulary
+    assert noise.float().mean().item() == pytest.approx(V / 2, rel=0.05)  # uniform over the vocabulary (3.9 sigma)
 
 
 @gpu
@@ -317,10 +313,9 @@ class StandIn:
 
 def test_fused_glue_on_a_stand_in_extension(monkeypatch):
     """The model switched to the kernels (a stand-in extension, on the CPU) gives the plain path's
-    logits; the swap covers the layers and the head, and switching back restores the plain classes."""
+    logits; the swap covers the layers and the head, and a second swap changes nothing."""
     from kvcache import KVCache
-    from model import Block, DiffusionGemma, init_weights
-    from moe import Router
+    from model import DiffusionGemma, init_weights
     model = init_weights(DiffusionGemma(test_config("test-kernels")), std=0.3, seed=2).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -336,17 +331,15 @@ def test_fused_glue_on_a_stand_in_extension(monkeypatch):
 
     plain = logits()
     monkeypatch.setattr(cuda_kernels, "build", lambda *a, **k: StandIn())
-    cuda_kernels.swap(model, True)
+    cuda_kernels.swap(model)
     assert type(model) is cuda_kernels.FusedHead and all(type(layer) is cuda_kernels.FusedBlock for layer in model.layers)
     assert all(type(layer.self_attn) is cuda_kernels.GQAAttention and type(layer.router) is cuda_kernels.FusedRouter
                for layer in model.layers)
     fast = logits()
     assert report("stand-in kernels vs plain", fast, plain) < 1e-3  # equal here: the same roundings
     assert (fast.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
-    cuda_kernels.swap(model, False)
-    assert type(model) is DiffusionGemma and all(type(layer) is Block and type(layer.router) is Router
-                                                 for layer in model.layers)
-    assert torch.equal(logits(), plain)
+    cuda_kernels.swap(model)  # once switched, a second switch changes nothing
+    assert type(model) is cuda_kernels.FusedHead and torch.equal(logits(), fast)
 
 
 @gpu
@@ -395,9 +388,24 @@ def test_router_tail_equals_plain(E, K):
     h = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
     w_ref, i_ref = router(h)
     w, i = cuda_kernels.route(router, h)
-    same = (i == i_ref).all(dim=-1)
+    # compared expert by expert, not slot by slot: torch.topk may order tied experts either way
+    si, oi = i.sort(dim=-1)
+    sr, orf = i_ref.sort(dim=-1)
+    same = (si == sr).all(dim=-1)
     assert same.float().mean() > 0.995  # a row may differ only where two probabilities tie in fp32
-    torch.testing.assert_close(w[same], w_ref[same], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w.gather(-1, oi)[same], w_ref.gather(-1, orf)[same], atol=1e-6, rtol=1e-5)
+
+
+@gpu
+def test_router_tail_keeps_ids_in_range_on_nan():
+    """NaN router logits (a NaN hidden state) give valid expert ids, not an out-of-range read: the NaN
+    goes on to the logits, where the sampler stops with its one-line error."""
+    from moe import Router
+    router = Router(256, 128, 8).cuda().to(torch.bfloat16)
+    h = torch.full((4, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+    w, i = cuda_kernels.route(router, h)
+    torch.cuda.synchronize()
+    assert ((i >= 0) & (i < 128)).all()
 
 
 @gpu

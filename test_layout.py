@@ -15,7 +15,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("test_") and p.name != "conftest.py")
-MODULES = {p.stem for p in SOURCES} | {"cuda_kernels"}
+PRODUCTS = sorted([*HERE.glob("server/*.py"), *HERE.glob("scripts/*.py"), HERE / "cuda_kernels" / "graph.py"])
+MODULES = {p.stem for p in SOURCES} | {"cuda_kernels", "server", "scripts"}
 NETWORK = {"model", "attention", "moe", "kvcache", "vision"}
 
 
@@ -62,9 +63,29 @@ def test_network_imports_only_the_network():
     assert not g["streams"]
 
 
+def test_no_root_module_imports_the_products():
+    """The root holds the library and its programs; server/ and scripts/ are built on it and stand
+    apart (nothing at the root imports them), and only the fast-path choice reaches the CUDA graph."""
+    g = graph()
+    for m, deps in g.items():
+        assert not deps & {"server", "scripts"}, f"{m}.py imports {sorted(deps & {'server', 'scripts'})}"
+    assert "graph" not in {p.stem for p in SOURCES}
+
+
+@pytest.mark.slow
 def test_network_runs_copied_alone(tmp_path):
-    for m in NETWORK:
+    """The network files, and the sampler with its random streams, copied into an empty folder: a
+    forward pass, a whole block-diffusion generation, and the bundled weights loaded by the names
+    model.py's header gives."""
+    for m in NETWORK | {"sampler", "streams"}:
         shutil.copy(HERE / f"{m}.py", tmp_path)
+    code = ("from model import DiffusionGemma, DiffusionGemmaConfig, init_weights; from sampler import block_diffusion, "
+            "GenerationSettings\n"
+            "m = init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name('small')), seed=0)\n"
+            "r = block_diffusion(m, [[2, 5, 9]], GenerationSettings(max_new_tokens=40), seeds=[0])\n"
+            "print(r.canvases, len(r.tokens[0]) <= 40, tuple(r.sequences.shape))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.split()[1:] == ["True", "(1,", "67)"], p.stderr + p.stdout
     code = ("import torch; from model import DiffusionGemma, DiffusionGemmaConfig, init_weights; from kvcache import KVCache\n"
             "m = init_weights(DiffusionGemma(DiffusionGemmaConfig.from_name('small')), seed=0)\n"
             "c = KVCache(m.config.layer_types, m.config.sliding_window); m.forward_causal(torch.tensor([[2, 5, 9]]), c)\n"
@@ -128,7 +149,7 @@ REFERENCE = ["kvcache.py", "model.py", "attention.py", "moe.py", "sampler.py", "
 @pytest.mark.parametrize("name", REFERENCE)
 def test_the_reference_files_carry_only_the_reference(name):
     """The CUDA graph's names appear nowhere in the files a learner reads first (the fast paths
-    wrap them from outside: cudagraph.py, cuda_kernels/), except on a one-line seam comment."""
+    wrap them from outside: cuda_kernels/graph.py, cuda_kernels/), except on a one-line seam comment."""
     for n, line in enumerate((HERE / name).read_text().splitlines(), 1):
         if "seam" in line:
             continue
@@ -154,13 +175,14 @@ def test_the_sampler_step_stays_small():
     assert step.end_lineno - step.lineno + 1 <= 40 and len(step.args.args) <= 6
 
 
-@pytest.mark.parametrize("path", SOURCES + sorted(HERE.glob("test_*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES + PRODUCTS + sorted(HERE.glob("test_*.py")), ids=lambda p: p.name)
 def test_files_stay_short(path):
     """The style guide's bound: a file past ~500 lines is probably two concepts."""
     assert len(path.read_text().splitlines()) <= 500, f"{path.name} has grown past one concept"
 
 
-@pytest.mark.parametrize("path", SOURCES + [HERE / "cuda_kernels" / "__init__.py"], ids=lambda p: p.name)
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SOURCES + PRODUCTS + [HERE / "cuda_kernels" / "__init__.py"], ids=lambda p: str(p.relative_to(HERE)))
 def test_public_functions_have_docstrings(path):
     tree = ast.parse(path.read_text())
     assert ast.get_docstring(tree), f"{path.name} has no header docstring"
@@ -183,20 +205,57 @@ def usage_lines(path: Path) -> list[str]:
     return [ln for g in groups if g[0].startswith(("python ", "torchrun ", "import ", "from ")) for ln in g]
 
 
-@pytest.mark.parametrize("path", [p for p in SOURCES + [HERE / "cuda_kernels" / "__init__.py"]],
-                         ids=lambda p: p.parent.name + "/" + p.name if p.name == "__init__.py" else p.name)
+def program_of(words: list[str]) -> tuple[str, list[str]]:
+    """The module a command line runs (python X.py, python scripts/X.py, python -m X, torchrun ...
+    X.py) and its arguments: "generate", "scripts.bench", "server.__main__"."""
+    if "-m" in words:
+        i = words.index("-m")
+        name = words[i + 1]
+        return name + (".__main__" if (HERE / name / "__main__.py").exists() else ""), words[i + 2:]
+    start = next(i for i, w in enumerate(words) if w.endswith(".py"))  # after python / torchrun's own flags
+    return words[start].removesuffix(".py").replace("/", "."), words[start + 1:]
+
+
+def test_program_of_reads_every_form():
+    assert program_of(shlex.split("python generate.py --steps 3")) == ("generate", ["--steps", "3"])
+    assert program_of(shlex.split("python scripts/bench.py --tiny")) == ("scripts.bench", ["--tiny"])
+    assert program_of(shlex.split("python -m server --port 1")) == ("server.__main__", ["--port", "1"])
+    assert program_of(shlex.split("python -m scripts.eval")) == ("scripts.eval", [])
+    assert program_of(shlex.split("torchrun --nproc-per-node 2 generate.py x")) == ("generate", ["x"])
+
+
+@pytest.mark.parametrize("path", SOURCES + PRODUCTS + [HERE / "cuda_kernels" / "__init__.py"],
+                         ids=lambda p: str(p.relative_to(HERE)))
+@pytest.mark.slow
 def test_usage_lines_run_as_written(path):
     lines = usage_lines(path)
     assert lines, f"{path.name} has no usage lines"
     shell = [ln for ln in lines if ln.startswith(("python ", "torchrun "))]
     code = "\n".join(ln for ln in lines if ln not in shell)
     for ln in shell:  # each command's flags are checked by the program's own parser
-        words = shlex.split(ln, comments=True)
-        start = next(i for i, w in enumerate(words) if w.endswith(".py"))  # after python / torchrun's own flags
-        script, *argv = words[start:]
-        p = subprocess.run([sys.executable, "-c", f"import sys, {Path(script).stem} as m; m.build_parser().parse_args(sys.argv[1:])",
-                            *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+        module, argv = program_of(shlex.split(ln, comments=True))
+        p = subprocess.run([sys.executable, "-c", f"import sys, importlib; m = importlib.import_module({module!r}); "
+                            "m.build_parser().parse_args(sys.argv[1:])", *argv],
+                           cwd=HERE, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, f"{ln}: {p.stderr}"
     if code.strip():
         p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"{path.name} usage:\n{code}\n{p.stderr[-2000:]}"
+
+
+def test_the_readmes_reading_list_is_true():
+    """README's "Read the code": the reference files in order, with line counts within 10% of the files'."""
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Read the code", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| \d \| `(\w+\.py)` \| ([\d,]+) \|", section, flags=re.M)
+    assert sorted(name for name, _ in rows) == sorted(REFERENCE), rows
+    for name, lines in rows:
+        actual = len((HERE / name).read_text().splitlines())
+        assert abs(actual - int(lines.replace(",", ""))) <= 0.1 * actual, f"{name}: README says {lines}, it has {actual}"
+
+
+def test_every_file_a_readme_names_exists():
+    for readme in [HERE / "README.md", *HERE.glob("*/README.md")]:
+        for name in set(re.findall(r"`((?:[\w-]+/)*[\w-]+\.(?:py|sh|html|cu|cpp))`", readme.read_text())):
+            found = (readme.parent / name).exists() or (HERE / name).exists() or any(HERE.glob(f"*/{name}"))
+            assert found, f"{readme.relative_to(HERE)} names {name}, which is not in the repository"

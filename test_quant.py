@@ -58,6 +58,7 @@ def test_error_bounds_random(group, zero_point):
     assert rel < (0.12 if zero_point else 0.15)
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_round_trip(chat_free_ckpt, tmp_path):
     from checkpoint import load_model
     dst = tmp_path / "q"
@@ -101,6 +102,7 @@ def test_interrupted_conversion_leaves_nothing(chat_free_ckpt, tmp_path, monkeyp
 
 @pytest.mark.parametrize("group,needle", [("7", "does not divide the input size 128"), ("0", "greater than 0"),
                                           ("-64", "greater than 0"), ("512", "does not divide"), ("x", "not a whole")])
+@pytest.mark.slow
 def test_a_bad_group_size_is_one_line(group, needle, tmp_path):
     p = subprocess.run([sys.executable, "quantize.py", "weights-code", str(tmp_path / "q"), "--group-size", group],
                        cwd=HERE, capture_output=True, text=True, timeout=120)
@@ -109,3 +111,20 @@ def test_a_bad_group_size_is_one_line(group, needle, tmp_path):
     assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []  # nothing written
     if "divide" in needle:
         assert "16, 32, 64, 128" in p.stderr  # what would work
+
+
+def test_the_format_name_is_one_name():
+    """hfconfig checks the quantization block without importing quant.py (a copied loader needs fewer files)."""
+    import hfconfig
+    import quant
+    assert quant.FORMAT == hfconfig.QUANT_FORMAT
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_stack_quantized_in_slices_is_the_same_bits(kind):
+    """quantized_copy quantizes a stack of experts 16 at a time (the fp32 temporaries of a slice, not
+    of the stack): the same bits as all at once."""
+    from quant import quantize, quantize_in_slices
+    w = torch.randn(40, 24, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    whole, sliced = quantize(w, kind, 32, True), quantize_in_slices(w, kind, 32, True, experts=16)
+    assert whole.keys() == sliced.keys() and all(torch.equal(whole[k], sliced[k]) for k in whole)

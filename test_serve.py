@@ -1,4 +1,4 @@
-"""serve.py as its clients meet it, on 127.0.0.1: the official openai client (chat and completions,
+"""The server (python -m server) as its clients meet it, on 127.0.0.1: the official openai client (chat and completions,
 streamed and not, suffix, n, stop), tool calls through the Gemma 4 template, llama.vim's /infill
 payload and warm-up, the page in headless Chromium, 16 concurrent clients each given its solo
 answer, the prefix cache, a client that leaves mid-stream, a full queue, an API key, NaN logits,
@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from conftest import CODE_TEMPLATE, TEMPLATES, Chrome, Server, needs_gemma4
+
+pytestmark = pytest.mark.slow  # every test here starts programs
 
 HERE = Path(__file__).resolve().parent
 openai = pytest.importorskip("openai")
@@ -184,8 +186,8 @@ def test_messages_that_point_somewhere(tmp_path):
 
 
 def test_the_readmes_client_example_runs_against_the_bundled_model():
-    """The README's client code, as written, against `python serve.py --model weights-code`."""
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    """server/README.md's client code, as written, against `python -m server --model weights-code`."""
+    readme = (HERE / "server" / "README.md").read_text(encoding="utf-8")
     code = next(b for b in readme.split("```python")[1:] if "OpenAI(base_url=" in b).split("```")[0]
     s = Server("weights-code")
     try:
@@ -412,7 +414,7 @@ def test_nan_logits_fail_the_batch_and_the_server_goes_on(tmp_path):
 
 
 def test_exposure_warning():
-    import serve
+    import server.__main__ as serve
     assert serve.exposure_warning("127.0.0.1", None) is None and serve.exposure_warning("0.0.0.0", "k") is None
     assert "without --api-key" in serve.exposure_warning("0.0.0.0", None)
 

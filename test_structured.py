@@ -1,7 +1,7 @@
 """Typed canvases (structured.py, editing.fill_json, the sampler's restriction): the token
 sets a tokenizer's vocabulary gives, the restriction inside the sampler step, schemas laid out,
 filled, repaired and refused, a suite of schemas whose every output the jsonschema library
-accepts, and the command line, Python and serve.py interfaces."""
+accepts, and the command line, Python and server interfaces."""
 
 import json
 import math
@@ -19,11 +19,10 @@ import structured
 import sudoku
 from conftest import CODE_TEMPLATE, GEMMA4_TOKENIZER, HERE, Server, needs_gemma4
 from generate import generate_json, load
-from sampler import (Allowed, DenoiseState, GenerationSettings, SamplerSettings, block_diffusion,
-                     entropy, restrict, sampler_step)
+from sampler import DenoiseState, GenerationSettings, SamplerSettings, block_diffusion, entropy, restrict, sampler_step
 from streams import RandomStreams
 from editing import Filled, fill_json, fill_typed, finish_typed
-from structured import SchemaError, TokenSets, build, check_schema, token_sets, validate
+from structured import Allowed, SchemaError, TokenSets, build, check_schema, token_sets, validate
 from tokenizer import ChatFormat, Tokenizer
 
 SUITE = json.loads((HERE / "scripts" / "schema_suite.json").read_text())
@@ -329,6 +328,7 @@ def test_own_validator_agrees_with_jsonschema():
 # Interfaces
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_python_api(code):
     model, tok = code
     schema = {"type": "object", "properties": {"lang": {"enum": ["python", "rust"]},
@@ -346,6 +346,7 @@ def cli(*args, cwd=HERE):
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 20},
                                                "year": {"type": "integer", "minimum": 1990, "maximum": 2030}},
@@ -368,8 +369,9 @@ def test_command_line(tmp_path):
     assert p.returncode == 2 and "--pin does not go with --json" in p.stderr
 
 
+@pytest.mark.slow
 def test_serve_response_format(tmp_path):
-    """serve.py's response_format json_schema and json_object, on chat (whole, streamed, n=2) and
+    """The server's response_format json_schema and json_object, on chat (whole, streamed, n=2) and
     completions; what cannot be filled or is not a schema is a 400 naming it."""
     pytest.importorskip("openai")
     ckpt = shutil.copytree(HERE / "weights-code", tmp_path / "code")

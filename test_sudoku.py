@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import sudoku
@@ -67,6 +68,7 @@ def test_tokens_and_text(tmp_path):
     assert sudoku.format_grid(GRID6, SIX).splitlines()[:3] == ["1 2 3|4 5 6", "4 5 6|1 2 3", "-----+-----"]
 
 
+@pytest.mark.slow
 def test_a_trained_model_runs_in_generate(tmp_path):
     """train.py --task sudoku for a few steps, exported, then generate.py shows a puzzle, a solution
     grid and the verdict (a model this briefly trained solves nothing: exit 1, 'invalid')."""
@@ -91,6 +93,7 @@ def test_a_trained_model_runs_in_generate(tmp_path):
         assert all(g == d for g, d in zip(grid, sudoku.BUILTIN[6]) if d)
 
 
+@pytest.mark.slow
 def test_device_training_script_runs_small(tmp_path):
     """scripts/train_device.sh on the CPU, tiny and short: the files a device run returns, each small."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), MINUTES="0.05", BATCH="8", PUZZLES="4", DEVICE="cpu",

@@ -103,12 +103,12 @@ def test_split_thought_by_id(plain):
     thought, answer = tok.encode("Let me think"), tok.encode("The answer.")
     label = tok.encode("thought\n")
     whole = tok.split_thought([100] + label + thought + [101] + answer)
-    assert (whole.answer, whole.thought, whole.finished) == (answer, thought, True)
+    assert (whole.answer, whole.thought) == (answer, thought)
     assert tok.decode(whole.answer) == "The answer."  # no literal "thought" leaks into it
     plain = tok.split_thought(answer)
     assert (plain.answer, plain.thought) == (answer, None)
     unfinished = tok.split_thought([100] + label + thought)
-    assert (unfinished.answer, unfinished.thought, unfinished.finished) == ([], thought, False)
+    assert (unfinished.answer, unfinished.thought) == ([], thought)
 
 
 def test_bad_templates_are_named(tmp_path):

@@ -13,6 +13,7 @@ import train
 from conftest import test_config
 from model import DiffusionGemma, init_weights
 
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -83,6 +84,7 @@ def test_micro_model_overfits_one_batch():
     assert first > 3.5 and diff.item() < 1.0 and ar.item() < 1.0
 
 
+@pytest.mark.slow
 def test_self_conditioning_is_trained():
     """With sc_prob 1 the self-conditioning MLP gets a gradient; with 0 it gets none."""
     batch = fixed_batch(B=2, L=32)
@@ -100,6 +102,7 @@ def run(*args, timeout=300):
     return p
 
 
+@pytest.mark.slow
 def test_train_save_load_generate_round_trip(tmp_path):
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     run("train.py", "--preset", "tiny", "--max-files", "3", "--out", out, "--steps", "3", "--batch", "2",
@@ -156,6 +159,7 @@ def test_a_kill_mid_save_keeps_the_previous_state(tmp_path, monkeypatch):
     assert torch.load(path)["step"] == 3
 
 
+@pytest.mark.slow
 def test_resumes_after_a_kill(tmp_path):
     """SIGKILL a run at a chosen point (just after a save), then run again: it continues from there."""
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ import torch
 from conftest import IMAGE_TOKENS, TEST_PROCESSOR, copy_checkpoint, threads
 from images import (ImageError, ImageSettings, image_patches, image_prompt, image_settings, place_images, read_image,
                     stack)
-from test_generate import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, in_process, single, torchrun
 from kvcache import KVCache
 
 transformers = pytest.importorskip("transformers")
@@ -124,7 +124,7 @@ def test_causal_logits_with_images_equal_transformers(vision_ckpt):
         from checkpoint import load_vision
         soft = load_vision(path, "cpu", torch.float32)(pixels, places)
         cache = KVCache(m.config.layer_types, m.config.sliding_window)
-        ours = m.logits(m.forward_causal(ids, cache, images=(ids == 301, soft)))
+        ours = m.logits(m.forward_causal(ids, cache, image_embeds=soft))
     assert ids.shape[1] > 2 * 24 and (ids == 301).sum() == soft.shape[0] == ims[0].n_soft + ims[1].n_soft
     print(f"causal logits with images max diff {(ours - ref).abs().max():.2e}")
     torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
@@ -213,6 +213,7 @@ def test_python_api_equals_transformers(vision_ckpt, tmp_path):
     assert generate.generate(model, tok, "the quick brown fox", images=[rgba], max_new_tokens=16, seed=4) == out
 
 
+@pytest.mark.slow
 def test_command_line_with_images(vision_ckpt, tmp_path):
     import generate
     path, _ = vision_ckpt
@@ -229,6 +230,7 @@ def test_command_line_with_images(vision_ckpt, tmp_path):
     assert rc == 0 and out.count("<|image>") == 2 and "vs" in out, out
 
 
+@pytest.mark.slow
 def test_bad_images_are_one_line(vision_ckpt, chat_free_ckpt, tmp_path):
     path, _ = vision_ckpt
     good = png(tmp_path, "ok.png", 64, 40)
@@ -290,7 +292,7 @@ def test_saved_with_vision_loads_in_transformers(vision_ckpt, tmp_path):
                                attention_mask=masks).last_hidden_state
         ref = torch.tanh(back.lm_head(h).float() / 30) * 30
         cache = KVCache(net.config.layer_types, net.config.sliding_window)
-        ours = net.logits(net.forward_causal(ids, cache, images=(ids == 301, vis(pixels, places))))
+        ours = net.logits(net.forward_causal(ids, cache, image_embeds=vis(pixels, places)))
         again = load_vision(tmp_path / "ours", "cpu", torch.float32)(pixels, places)
     torch.testing.assert_close(f_back, f_ref, atol=TOL, rtol=0)
     torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
@@ -337,10 +339,11 @@ def test_causal_images_when_the_config_says_so(vision_ckpt, tmp_path):
         h = hf.model.encoder(input_ids=ids, pixel_values=pixels, image_position_ids=places, attention_mask=masks)
         ref = torch.tanh(hf.lm_head(h.last_hidden_state).float() / 30) * 30
         ours = m.logits(m.forward_causal(ids, KVCache(m.config.layer_types, m.config.sliding_window),
-                                         images=(ids == 301, load_vision(plain, "cpu", torch.float32)(pixels, places))))
+                                         image_embeds=load_vision(plain, "cpu", torch.float32)(pixels, places)))
     torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_serve_takes_image_parts(vision_ckpt, chat_free_ckpt, tmp_path):
     """OpenAI image_url parts with data: URLs: the reply is what generate() gives for the same image
     and seed, alone or beside a text-only request in one batch; bad parts are 400s naming them."""
@@ -381,18 +384,19 @@ def test_serve_takes_image_parts(vision_ckpt, chat_free_ckpt, tmp_path):
         s.stop()
 
 
+@pytest.mark.slow
 def test_batcher_runs_image_and_text_requests_together(vision_ckpt, tmp_path):
     """One batch: a request with an image (two samples) beside a text-only one; each gets what it
     gets alone."""
     import base64
     import generate
-    from api import Api
-    from batcher import Batcher
+    from server.api import Api
+    from server.batcher import Batcher
     path, _ = vision_ckpt
     f = png(tmp_path, "a.png", 50, 80, seed=7)
     url = "data:image/png;base64," + base64.b64encode(f.read_bytes()).decode()
     model, tok = generate.load(path, "cpu", torch.float32)
-    api = Api(model, tok, "v", Batcher(model, thread=False), api_key=None, max_tokens=64)
+    api = Api(model, tok, "v", Batcher(model), api_key=None, max_tokens=64)
     with_image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                             {"type": "text", "text": "look"}]}],
                   "max_tokens": 16, "seed": 3, "n": 2}
@@ -417,9 +421,9 @@ def image_prompt_ids(tok, f):
     return prompt_with_images(tok, [image_patches(read_image(f), SETTINGS)], "what is it?")
 
 
+@pytest.mark.slow
 def test_two_ranks_with_an_image_generate_what_one_does(vision_ckpt, tmp_path):
     """Under torchrun the text stack is split and the tower held whole on each rank: the same text."""
-    from test_distributed import single, torchrun
     path, _ = vision_ckpt
     f = png(tmp_path, "a.png", 60, 60, seed=11)
     args = ["--model", path, "--device", "cpu", "--max-new-tokens", 16, "--seed", 1, "--image", f, "what is it"]
@@ -430,7 +434,6 @@ def test_two_ranks_with_an_image_generate_what_one_does(vision_ckpt, tmp_path):
 
 def test_without_pillow_one_line_says_how_to_get_it(vision_ckpt, tmp_path, monkeypatch, capsys):
     import sys
-    from test_generate import in_process
     path, _ = vision_ckpt
     f = png(tmp_path, "a.png", 20, 20)
     monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed

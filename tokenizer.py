@@ -160,11 +160,10 @@ class ChatFormat:
 
 @dataclass
 class Thought:
-    """A reply split at its thought channel: thought is None when the model did not think;
-    finished is False when the reply ended inside the thought."""
+    """A reply split at its thought channel: thought is None when the model did not think (a reply
+    that ends inside its thought has all of it as the thought, and no answer)."""
     answer: list[int]
     thought: list[int] | None = None
-    finished: bool = True
 
 
 class Tokenizer:
@@ -261,7 +260,7 @@ class Tokenizer:
         if inner[: len(label)] == label:
             inner = inner[len(label):]
         answer = ids[:start] + ([] if end is None else ids[end + 1:])
-        return Thought(answer=answer, thought=inner, finished=end is not None)
+        return Thought(answer=answer, thought=inner)
 
     def split_tool_calls(self, ids: list[int]) -> tuple[list[int], list[dict]]:
         """The answer without its `<|tool_call>...<tool_call|>` spans, and each call parsed
@@ -328,11 +327,10 @@ def token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(checkpoint: str | Path, override: str | Path | None = None,
-                   vocab_size: int | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (or the tokenizer.json `override`) and its template."""
-    checkpoint = Path(checkpoint)
-    path = Path(override) if override else checkpoint / "tokenizer.json"
+def load_tokenizer(checkpoint: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory and its template; CheckpointError for one with more
+    tokens than the model (vocab_size) has embeddings."""
+    path = Path(checkpoint) / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the checkpoint has no tokenizer.json; give a tokenizer file")
     config, template, template_file = {}, None, None
@@ -349,11 +347,4 @@ def load_tokenizer(checkpoint: str | Path, override: str | Path | None = None,
     if vocab_size is not None and base > vocab_size:
         raise CheckpointError(f"{path} has {base} tokens but the model only {vocab_size}: "
                               "use the tokenizer that came with the checkpoint")
-    own = checkpoint / "tokenizer.json"
-    if override and own.is_file() and own.resolve() != path.resolve():
-        from tokenizers import Tokenizer as HFTokenizer
-        n = HFTokenizer.from_file(str(own)).get_vocab_size()
-        if n != tok.vocab_size:  # a tokenizer of another model: its ids mean other tokens
-            raise RequestError(f"{override} has {tok.vocab_size} tokens, the checkpoint's own tokenizer.json {n}: "
-                               "it belongs to another model; leave out --tokenizer")
     return tok

@@ -43,11 +43,8 @@ from model import CONFIGS, DiffusionGemma, DiffusionGemmaConfig, init_weights
 from sampler import GenerationSettings, SamplerSettings
 from terminal import Parser
 
-# --preset: the named sizes, the 9x9 Sudoku model's, and a toy size that trains in seconds (smoke runs)
-PRESETS = {**CONFIGS, "sudoku-9": sudoku.SUDOKU_9,
-           "tiny": dict(CONFIGS["small"], vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        head_dim=16, global_head_dim=32, intermediate_size=48, num_experts=4, moe_intermediate_size=16,
-                        sliding_window=16, canvas_length=8, layer_types=["sliding_attention", "full_attention"])}
+# --preset: the named sizes (model.CONFIGS: "tiny" trains in seconds, for smoke runs) and the 9x9 Sudoku model's
+PRESETS = {**CONFIGS, "sudoku-9": sudoku.SUDOKU_9}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,17 +90,17 @@ def noise_blocks(response: torch.Tensor, C: int, vocab: int, g: torch.Generator,
 
 
 def forward_train(model: DiffusionGemma, clean: torch.Tensor, noised: torch.Tensor, prefix: int,
-                  soft: torch.Tensor | None = None, clean_logits: bool = True):
+                  sc_embeds: torch.Tensor | None = None, clean_logits: bool = True):
     """Both passes as one sequence. clean (B, Lc), noised (B, N) with N a whole number of canvases;
-    soft (B, N, D): the self-conditioning soft embeddings (None: zero). Returns the clean pass's
+    sc_embeds (B, N, D): the self-conditioning embeddings (None: zero). Returns the clean pass's
     logits (B, Lc, V) (None unless clean_logits) and the noised pass's (B, N, V)."""
     c = model.config
     B, Lc = clean.shape
     N = noised.shape[1]
     n_blocks, clean_blocks = N // c.canvas_length, (Lc - prefix) // c.canvas_length
     e_noised = model.embed(noised)
-    soft = torch.zeros_like(e_noised) if soft is None else soft
-    h = torch.cat([model.embed(clean), model.self_conditioning(e_noised, soft)], dim=1)  # (B, Lc + N, D)
+    sc_embeds = torch.zeros_like(e_noised) if sc_embeds is None else sc_embeds
+    h = torch.cat([model.embed(clean), model.self_conditioning(e_noised, sc_embeds)], dim=1)  # (B, Lc + N, D)
     positions = torch.cat([torch.arange(Lc), torch.arange(prefix, prefix + N)]).to(clean.device)[None]
     masks = {kind: training_mask(prefix, n_blocks, c.canvas_length,
                                  c.sliding_window if kind == "sliding_attention" else None,
@@ -119,14 +116,14 @@ def loss_fn(model, batch: torch.Tensor, prefix: int, g: torch.Generator, ar_weig
     response = batch[:, prefix:]
     noised = noise_blocks(response.cpu(), c.canvas_length, c.vocab_size, g).to(batch.device)
     clean = batch if ar_weight > 0 else batch[:, : batch.shape[1] - c.canvas_length]
-    soft = None
+    sc_embeds = None
     rows = (torch.rand(batch.shape[0], generator=g) < sc_prob).nonzero().flatten().to(batch.device)
     if len(rows):
         with torch.no_grad():  # pass 1, on the rows that use it: no gradient, no self-conditioning
             _, first = forward_train(model, clean[rows], noised[rows], prefix, clean_logits=False)
-            sc = model.soft_embed(first)  # (rows, N, D)
-            soft = torch.zeros(*noised.shape, c.hidden_size, dtype=sc.dtype, device=batch.device).index_copy(0, rows, sc)
-    clean_logits, logits = forward_train(model, clean, noised, prefix, soft, clean_logits=ar_weight > 0)
+            sc = model.sc_embed(first)  # (rows, N, D)
+            sc_embeds = torch.zeros(*noised.shape, c.hidden_size, dtype=sc.dtype, device=batch.device).index_copy(0, rows, sc)
+    clean_logits, logits = forward_train(model, clean, noised, prefix, sc_embeds, clean_logits=ar_weight > 0)
     diff = F.cross_entropy(logits.reshape(-1, c.vocab_size).float(), response.reshape(-1))
     ar = torch.zeros((), device=batch.device)
     if ar_weight > 0:
@@ -214,10 +211,9 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def export(model, task, out: Path, dtype: str, force: bool) -> None:
-    """Write the model as a checkpoint directory in `dtype` (it stays in that dtype)."""
-    model.config.dtype = dtype
-    model.to(getattr(torch, dtype))
-    save_checkpoint(model, out, generation=task.settings, extra_files=task.files, force=force)
+    """Write the model as a checkpoint directory in `dtype` (the model itself is left as it is)."""
+    save_checkpoint(model, out, generation=task.settings, extra_files=task.files, force=force,
+                    dtype=getattr(torch, dtype))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -259,24 +255,28 @@ def main(args: argparse.Namespace) -> int:
     t_start, deadline = time.time(), time.time() + args.minutes * 60
     last_snapshot = time.time()
 
+    last_line = {}
+
     def checkpoint(final=False):
-        nonlocal last_snapshot
         model.eval()
         metrics = task.evaluate(model)
         model.train()
         now = elapsed + time.time() - t_start
         line = {"step": step, "tokens": seen, "minutes": round(now / 60, 2), "tokens_per_s": round(seen / max(now, 1e-9)),
                 "diffusion": round(diff.item(), 4), "ar": round(ar.item(), 4), **metrics}
+        last_line.update(line)
         with open(out / "log.txt", "a") as log:
             log.write(json.dumps(line) + "\n")
         save_state(state_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens": seen,
                                 "elapsed": now})
-        if args.snapshot and (final or time.time() - last_snapshot >= args.snapshot_seconds):
-            snap = dict(model.state_dict())
+        if final:
+            snapshot()
+
+    def snapshot():  # --snapshot: the weights as they are now, and the last evaluation, every few seconds
+        nonlocal last_snapshot
+        if args.snapshot:
             export(model, task, Path(args.snapshot), args.export_dtype, force=True)
-            model.to(torch.float32).load_state_dict(snap)  # back to training precision
-            model.config.dtype = "float32"
-            (Path(args.snapshot).parent / "eval.json").write_text(json.dumps(line, indent=2) + "\n")
+            (Path(args.snapshot).parent / "eval.json").write_text(json.dumps(last_line or {"step": step}, indent=2) + "\n")
             last_snapshot = time.time()
 
     diff = ar = torch.zeros(())
@@ -296,6 +296,8 @@ def main(args: argparse.Namespace) -> int:
         bar.update(1)
         if step % args.eval_every == 0 and step < args.steps:
             checkpoint()
+        if args.snapshot and time.time() - last_snapshot >= args.snapshot_seconds:
+            snapshot()
     checkpoint(final=True)
     bar.close()
     return 0
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-weight", type=float, default=0.5, help="weight of the autoregressive loss (0: off)")
     p.add_argument("--sc-prob", type=float, default=0.5, help="share of examples trained with self-conditioning")
     p.add_argument("--eval-every", type=int, default=50, help="evaluation and saved state every N steps")
-    p.add_argument("--snapshot", help="also export the checkpoint to this directory, at most every --snapshot-seconds")
+    p.add_argument("--snapshot", help="also export the checkpoint to this directory every --snapshot-seconds, and at the end")
     p.add_argument("--snapshot-seconds", type=float, default=60, help="seconds between snapshots (default 60)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")

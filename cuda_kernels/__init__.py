@@ -152,7 +152,6 @@ def canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
 def gqa_canvas_attention(q, k_cache, v_cache, k_new, v_new, valid):
     """attention.canvas_attention without repeating K/V per query group: SDPA's grouped-query path
     with the mask (transformers repeats K/V whenever there is a mask; the two differ in rounding)."""
-    import torch.nn.functional as F
     k = k_new if k_cache is None else torch.cat([k_cache, k_new], dim=2)
     v = v_new if v_cache is None else torch.cat([v_cache, v_new], dim=2)
     mask = None if valid is None else F.pad(valid, (0, q.shape[2]), value=True)[:, None, None, :]  # (B, 1, 1, T)
@@ -206,7 +205,7 @@ def route(router, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kernel: h (T, D) bf16 -> weights (T, K) fp32, expert ids (T, K) int64."""
     if h.dtype != torch.bfloat16 or router.proj.out_features > 256 or router.top_k > 8:
         return Router.forward(router, h)  # what the kernel does not take
-    logits = router.proj(router.norm(h) * router.scale * router.scalar_root_size)
+    logits = router.proj(router.normed(h))
     weights, idx = build().router_tail(logits.contiguous(), router.per_expert_scale.to(logits.dtype), router.top_k)
     return weights, idx
 
@@ -282,20 +281,12 @@ def fast_class(cls: type, base: type) -> type:
     of both (quant.QuantExperts -> FusedQuantExperts; distributed.LocalExperts' forward calls on
     into FusedExperts.forward)."""
     plain = base.__mro__[1]
-    if cls is plain:
-        return base
+    if cls is plain or issubclass(cls, base):  # plain, or switched already
+        return base if cls is plain else cls
     if (cls, base) not in _made:
         _made[(cls, base)] = type(base.__name__.replace(plain.__name__, "") + cls.__name__, (cls, base), {})
     return _made[(cls, base)]
 
-
-def plain_class(cls: type) -> type:
-    """The class fast_class started from."""
-    for (plain, _), made in _made.items():
-        if made is cls:
-            return plain
-    return cls.__mro__[1] if cls in (FusedRMSNorm, FusedExperts, FusedRouter, GQAAttention, KernelAttention,
-                                     FusedBlock, FusedHead) else cls
 
 
 # ---- choosing a path --------------------------------------------------------------------------
@@ -325,25 +316,22 @@ def shapes_fit(c) -> bool:
                 or any(d % 16 or d > 512 for d in dims))
 
 
-def swap(root, fast: bool, attention_kernel: bool = False) -> None:
+def swap(root, attention_kernel: bool = False) -> None:
     """Every RMSNorm, experts module, attention block, layer and the model under root to its fast
-    class (or back)."""
+    class (a model stays switched: there is no way back, build another for the plain path)."""
     attention = KernelAttention if attention_kernel else GQAAttention
     for module in root.modules():  # every norm: the layers', the final one, self-conditioning's
-        plain = plain_class(type(module))
-        if not fast:
-            module.__class__ = plain
-        elif isinstance(module, Attention):
-            module.__class__ = fast_class(plain, attention)
+        if isinstance(module, Attention):
+            module.__class__ = fast_class(type(module), attention)
         else:
             kind = next((k for k in FAST if isinstance(module, k)), None)
             if kind is not None:
-                module.__class__ = fast_class(plain, FAST[kind])
+                module.__class__ = fast_class(type(module), FAST[kind])
 
 
 def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> str:
-    """Switch model to the CUDA kernels (or back to plain PyTorch); returns the one-line
-    announcement. bf16 weights only: other dtypes stay on the plain path. The canvas attention runs
+    """Switch model to the CUDA kernels where they run (kind "cuda" or "auto"; "torch" leaves it
+    plain); returns the one-line announcement. bf16 weights only: other dtypes stay on the plain path. The canvas attention runs
     on SDPA's grouped-query path unless attention_kernel (scripts/kernel_bench.py measures both)."""
     device = model.device
     path, why = choose(kind, device)
@@ -358,7 +346,8 @@ def use_kernels(model, kind: str = "auto", attention_kernel: bool = False) -> st
         path, why = "torch", "shapes the kernels do not take"
     if path == "cuda":
         build()
-    swap(model, path == "cuda", attention_kernel)
+    if path == "cuda":
+        swap(model, attention_kernel)
     if path != "cuda":
         return f"kernels: torch ({why})"
     return (f"kernels: cuda ✓ ({why}; fused MoE, RMSNorm, norm + RoPE, router, layer end, softcap, sampler; "

@@ -7,7 +7,7 @@
 //   post_ffn      h' = (h + N(N1(dense) + N2(routed))) * layer_scalar     model.Block.combine
 //   qk_norm_rope  y = RoPE(N(x)) for each head of q or k                   attention.Attention.qkv
 //                   RoPE(n) = n * cos + rotate_half(n) * sin, half-split pairs (i, i + d/2)
-//   softcap       logits = tanh(x / cap) * cap, bf16 in, fp32 out          model.DiffusionGemma.logits
+//   softcap       logits = tanh(x * fl(1/cap)) * cap, bf16 in, fp32 out  model.DiffusionGemma.logits (x / cap on CUDA)
 //   router_tail   p = softmax(logits) in fp32; the top k of p, largest first (ties: the lower
 //                 expert); w = p_top / sum(p_top) * per_expert_scale[top]  moe.Router.forward
 // Every intermediate is rounded to bf16 exactly where the plain path rounds it (each PyTorch bf16 op
@@ -146,14 +146,16 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
 }
 
-__global__ void softcap_kernel(const bf16* __restrict__ x, float* __restrict__ y, int64_t n8, float cap) {
+// inv = fl(1 / cap), computed on the host: PyTorch on CUDA divides by a scalar as a multiplication by
+// its reciprocal, so x * inv (not x / cap) gives its bits
+__global__ void softcap_kernel(const bf16* __restrict__ x, float* __restrict__ y, int64_t n8, float cap, float inv) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
     float v[8];
     load8(x + i * 8, v);
     float4 a, b;
-    a.x = tanhf(v[0] / cap) * cap, a.y = tanhf(v[1] / cap) * cap, a.z = tanhf(v[2] / cap) * cap;
-    a.w = tanhf(v[3] / cap) * cap, b.x = tanhf(v[4] / cap) * cap, b.y = tanhf(v[5] / cap) * cap;
-    b.z = tanhf(v[6] / cap) * cap, b.w = tanhf(v[7] / cap) * cap;
+    a.x = tanhf(v[0] * inv) * cap, a.y = tanhf(v[1] * inv) * cap, a.z = tanhf(v[2] * inv) * cap;
+    a.w = tanhf(v[3] * inv) * cap, b.x = tanhf(v[4] * inv) * cap, b.y = tanhf(v[5] * inv) * cap;
+    b.z = tanhf(v[6] * inv) * cap, b.w = tanhf(v[7] * inv) * cap;
     reinterpret_cast<float4*>(y)[2 * i] = a;
     reinterpret_cast<float4*>(y)[2 * i + 1] = b;
   }
@@ -196,7 +198,11 @@ __global__ void __launch_bounds__(32 * WARPS)
       const int oe = __shfl_xor_sync(0xffffffff, best_e, o);
       if (ob > best || (ob == best && oe < best_e)) best = ob, best_e = oe;
     }
-    if (best_e % 32 == lane) p[best_e / 32] = -2.f;  // taken: below every probability and past E
+    if (best_e < E && best_e % 32 == lane) p[best_e / 32] = -2.f;  // taken: below every probability
+    // NaN logits match no comparison and leave best_e at E: a valid id instead (a row's NaN input
+    // reaches the logits anyway, and the sampler stops there with its clean error), never a read
+    // of expert_scale[E] or an out-of-range id
+    if (best_e >= E) best_e = E - 1;
     if (k < MAX_PER_LANE) mine[k] = best, mine_e[k] = best_e;
     picked += best;
   }
@@ -271,7 +277,8 @@ at::Tensor softcap(at::Tensor x, double cap) {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((n8 + threads - 1) / threads, 65535);
     softcap_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const bf16*>(x.data_ptr()), y.data_ptr<float>(), n8, static_cast<float>(cap));
+        reinterpret_cast<const bf16*>(x.data_ptr()), y.data_ptr<float>(), n8, static_cast<float>(cap),
+        1.0f / static_cast<float>(cap));  // the reciprocal as PyTorch takes it: in fp32
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return y;

@@ -33,6 +33,7 @@ from structured import SchemaError, build, token_sets  # noqa: E402
 
 
 def valid(text: str, schema: dict) -> bool:
+    """Whether the text is JSON that the jsonschema library accepts under the schema."""
     try:
         jsonschema.validate(json.loads(text), schema)
         return True
@@ -41,12 +42,14 @@ def valid(text: str, schema: dict) -> bool:
 
 
 def timed(fn):
+    """fn() and the seconds it took."""
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
 
 
 def run(model, tok, name: str, suite: list[dict], seeds: list[int], steps: int | None) -> dict:
+    """Every schema of the suite, every seed: plain, template and typed generation, valid or not, timed."""
     settings = model.generation_settings.copy(steps=steps)
     t0 = time.perf_counter()
     sets = token_sets(tok, model.config.vocab_size)
@@ -99,7 +102,8 @@ def gemma4_model(tokenizer: str):
     return model, Tokenizer(Path(tokenizer))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/json_bench.py."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="weights-code", help="a checkpoint, or none (only --gemma4)")
     p.add_argument("--gemma4", metavar="TOKENIZER", help="also a tiny random checkpoint with this tokenizer.json")
@@ -107,7 +111,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="denoising steps per canvas (default: the checkpoint's)")
     p.add_argument("--limit", type=int, help="the first N schemas only")
     p.add_argument("--json", help="write the results here")
-    a = p.parse_args()
+    return p
+
+
+def main(a: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     suite = json.loads((HERE / "scripts" / "schema_suite.json").read_text())[: a.limit]
     seeds = list(range(a.seeds))
@@ -134,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(build_parser().parse_args())

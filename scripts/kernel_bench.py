@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cuda_kernels  # noqa: E402
 from attention import canvas_attention  # noqa: E402
-from bench import TINY, device_ceilings, sync, timed  # noqa: E402
+from scripts.bench import TINY, device_ceilings, sync, timed  # noqa: E402
 from model import Block, DiffusionGemmaConfig  # noqa: E402
 from moe import Experts, Router  # noqa: E402
 from quant import QuantExperts, quantize  # noqa: E402
@@ -73,6 +73,7 @@ def grouped_mm_experts(ex: Experts, x, idx, w):
 
 
 def bench_moe(cfg, device, dtype, out: Out, bandwidth: float):
+    """The MoE of one layer: plain, grouped GEMM and the fused kernel (bf16, int8, int4), GB/s against the copy."""
     torch.manual_seed(0)
     E, D, I, K, T = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.top_k_experts, cfg.canvas_length
     ex = Experts(E, D, I).to(device=device, dtype=dtype)
@@ -110,6 +111,7 @@ def bench_moe(cfg, device, dtype, out: Out, bandwidth: float):
 
 
 def bench_attention(cfg, device, dtype, out: Out, tiny: bool):
+    """The canvas attention: the plain path, SDPA's grouped-query path and the kernel, by cache length."""
     C, H = cfg.canvas_length, cfg.num_attention_heads
     full_d, full_kv = cfg.layer_head_dim(cfg.num_hidden_layers - 1), cfg.layer_kv_heads(cfg.num_hidden_layers - 1)
     capacity = 512 if tiny else 8192
@@ -153,6 +155,7 @@ def count_ops(step) -> int:
 
 
 def bench_layers(cfg, device, dtype, out: Out):
+    """A whole layer, plain and with the kernels: time and kernel launches."""
     from attention import rope_cos_sin, rope_inv_freq
     from kvcache import LayerCache
     C = cfg.canvas_length
@@ -174,7 +177,7 @@ def bench_layers(cfg, device, dtype, out: Out):
         name = f"layer {i} ({cfg.layer_types[i]})"
         row = {"plain_ms": ms(step, device, 5)}
         if device.type == "cuda":  # the fast path's pieces, as cuda_kernels.use_kernels sets them
-            cuda_kernels.swap(block, True)
+            cuda_kernels.swap(block)
             row["kernels_ms"] = ms(step, device)
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()

@@ -24,7 +24,8 @@ CANVAS = "--no-canvas" not in sys.argv
 
 
 def start(model: str, batch_size: int) -> tuple[subprocess.Popen, int]:
-    p = subprocess.Popen([sys.executable, str(HERE / "serve.py"), "--model", model, "--port", "0", "--batch-size",
+    """The server (python -m server) on a free loopback port: the process and its port."""
+    p = subprocess.Popen([sys.executable, "-m", "server", "--model", model, "--port", "0", "--batch-size",
                           str(batch_size), "--device", "cpu"], cwd=HERE, stderr=subprocess.PIPE, text=True)
     first = p.stderr.readline()
     if "serving" not in first:
@@ -53,6 +54,8 @@ def streamed(port: int, body: dict, canvas: bool = True) -> dict:
 
 
 def concurrency(port: int, clients: int, requests: int, max_tokens: int) -> dict:
+    """`clients` threads, each streaming `requests` completions one after another: aggregate tok/s,
+    latency percentiles, time to the first canvas."""
     out, lock = [], threading.Lock()
 
     def client(k: int):
@@ -88,15 +91,19 @@ def prefix_cache(port: int, tokens: int, trials: int) -> dict:
             "hit_first_canvas_s": statistics.median(hit), "ratio": statistics.median(hit) / statistics.median(miss)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description="serve.py under load: concurrency and the prefix cache.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/serve_bench.py."""
+    p = argparse.ArgumentParser(description="The server under load: concurrency and the prefix cache.")
     p.add_argument("--model", default="weights-code", help="checkpoint (default: the bundled code model)")
     p.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens a request (default 64)")
     p.add_argument("--trials", type=int, default=3, help="prefix-cache trials (default 3)")
     p.add_argument("--json", default="serve_bench.json", help="where to write the results")
     p.add_argument("--no-canvas", action="store_true", help="clients stream text only (no event per step)")
-    args = p.parse_args()
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
     server, port = start(args.model, batch_size=16)
     results = {"machine": "cpu", "model": args.model, "concurrency": []}
     try:
@@ -123,4 +130,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(build_parser().parse_args()))

@@ -14,8 +14,8 @@ Every request may carry a "diffusion" object: steps, entropy_bound, pins {offset
 every denoising step), cache_prompt. A request's seed (default: a random one, returned as
 system_fingerprint) gives the same text whether it ran alone or in a batch.
 
-    python serve.py --model weights-code --port 8000
-    python serve.py --model google/diffusiongemma-26B-A4B-it --host 0.0.0.0 --api-key SECRET
+    python -m server --model weights-code --port 8000
+    python -m server --model google/diffusiongemma-26B-A4B-it --host 0.0.0.0 --api-key SECRET
 """
 
 import argparse
@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from api import Api, ApiError, field, fingerprint, merge_done, tool_calls
-from batcher import Batcher, Request
+from server.api import Api, ApiError, field, fingerprint, merge_done, tool_calls
+from server.batcher import Batcher, Request
 from checkpoint import DeviceError
 from generate import choose_fast_path, load
 from hfconfig import CheckpointError
@@ -278,10 +278,12 @@ def port_number(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of serve.py."""
-    p = Parser(description="Serve DiffusionGemma over HTTP: the OpenAI API, llama.cpp's /infill, a page.")
+    """The command line of python -m server."""
+    p = Parser(prog="python -m server",
+               description="Serve DiffusionGemma over HTTP: the OpenAI API, llama.cpp's /infill, a page.")
     p.add_argument("--model", default="weights-code", help="checkpoint directory or Hugging Face repo id "
                    "(default: the bundled code model)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (finetune.py's, or PEFT's) applied to the model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API")
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import sudoku
     try:
-        model, tok = load(args.model, args.device, args.dtype)
+        model, tok = load(args.model, args.device, args.dtype, adapter=args.adapter)
     except (CheckpointError, DeviceError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -313,7 +315,7 @@ def main(args: argparse.Namespace) -> int:
     fast, line = choose_fast_path(model, args.kernels or "torch", cuda_graph=False)
     if args.kernels is None:
         line = "kernels: torch (the default; --kernels auto takes the CUDA kernels where they run)"
-    batcher = Batcher(model, args.batch_size, args.queue, args.cache_mb << 20, fast=fast, thread=False,
+    batcher = Batcher(model, args.batch_size, args.queue, args.cache_mb << 20, fast=fast,
                       wait=args.batch_wait)
     Handler.service = Api(model, tok, str(args.model), batcher, args.api_key, args.max_tokens)
     Handler.max_body, Handler.timeout = args.max_body, args.timeout

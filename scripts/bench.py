@@ -12,11 +12,11 @@ as the time between two canvases' commits (the prompt's prefill drops out): ms/s
 (steps + 1), tok/s = canvas_length / per canvas. The same run measures the device's copy bandwidth
 and bf16 matmul rate; the floor of a step is the bytes it must read / the bandwidth.
 
-    python bench.py --tiny --steps 4 --json /tmp/bench.json   # a tiny shape, anywhere, plus bare generate.py
-    python bench.py                   # released shape on a GPU (about 60 GB)
-    python bench.py --quant int8,int4 # bf16, then int8 and int4 experts in one run: speed, logit error, agreement
-    python bench.py --quant int4 --memory   # peak memory of the int4 model generating from a 4k prompt
-    python bench.py --vision          # the vision tower: ms per image, ours and transformers'
+    python scripts/bench.py --tiny --steps 4 --json /tmp/bench.json   # a tiny shape, anywhere, plus bare generate.py
+    python scripts/bench.py                   # released shape on a GPU (about 60 GB)
+    python scripts/bench.py --quant int8,int4 # bf16, then int8 and int4 experts in one run: speed, logit error, agreement
+    python scripts/bench.py --quant int4 --memory   # peak memory of the int4 model generating from a 4k prompt
+    python scripts/bench.py --vision          # the vision tower: ms per image, ours and transformers'
 """
 
 import argparse
@@ -28,19 +28,19 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import PREFIX
-from hfconfig import config_to_hf
-from generate import choose_fast_path
-from kvcache import KVCache
-from model import DiffusionGemma, DiffusionGemmaConfig, init_weights
-from sampler import GenerationSettings, SamplerSettings, block_diffusion
-from terminal import Parser
+ROOT = Path(__file__).resolve().parent.parent  # the project: run as python scripts/bench.py or python -m scripts.bench
+sys.path.insert(0, str(ROOT))
 
-HERE = Path(__file__).resolve().parent
+from checkpoint import PREFIX  # noqa: E402
+from hfconfig import config_to_hf  # noqa: E402
+from generate import choose_fast_path  # noqa: E402
+from kvcache import KVCache  # noqa: E402
+from model import CONFIGS, DiffusionGemma, DiffusionGemmaConfig, init_weights  # noqa: E402
+from sampler import GenerationSettings, SamplerSettings, block_diffusion  # noqa: E402
+from terminal import Parser  # noqa: E402
+
 # --tiny: a shape that runs anywhere and that the kernels take (sizes multiples of 64, head_dim 16k)
-TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=32, global_head_dim=64, num_global_key_value_heads=1, intermediate_size=128, num_experts=8,
-            top_k_experts=2, moe_intermediate_size=64, sliding_window=48, canvas_length=32)
+TINY = CONFIGS["tiny-kernels"]
 PLAIN = {"denoise": None}  # block_diffusion's defaults: the plain path
 
 
@@ -76,11 +76,12 @@ def device_ceilings(device) -> dict:
 
 
 def step_bytes(model) -> int:
-    """Bytes one step reads, for any weight format: every parameter and buffer, plus the embedding
-    twice more (tied head and self-conditioning)."""
+    """Bytes one step reads, for any weight format: every parameter and buffer, with the embedding
+    read twice (the tied head and self-conditioning read it whole; the lookup reads only the canvas's
+    rows, which is nothing beside it)."""
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     E = model.embedding_matrix()
-    return total + 2 * E.numel() * E.element_size()
+    return total + E.numel() * E.element_size()
 
 
 def fixed_steps(n_canvas: int, C: int, steps: int) -> GenerationSettings:
@@ -106,13 +107,29 @@ def on_device(device, dtype):
 
 
 def build_hf(cfg: DiffusionGemmaConfig, device, dtype):
-    """transformers' model with random weights, built directly on the device."""
+    """transformers' model with random weights, one copy of its text stack on the device. Its
+    constructor builds the encoder's and the decoder's copies of the stack before post_init ties them
+    (101 GB at the released shape, more than an 80 GB GPU): so it is built on meta, where nothing is
+    allocated and the ties are made, then materialised once (the stack plus one tensor at the peak)
+    and initialised. The encoder's layer scalars are buffers that init_weights leaves alone and ties
+    do not cover: they are copied from the decoder's, as the released checkpoint holds them."""
     from transformers import DiffusionGemmaConfig as HFConfig, DiffusionGemmaForBlockDiffusion
     d = config_to_hf(cfg)
     hf_cfg = HFConfig(text_config=d["text_config"], vision_config=d["vision_config"],
                       canvas_length=cfg.canvas_length, eos_token_id=cfg.eos_token_id)
-    with on_device(device, dtype):
-        return DiffusionGemmaForBlockDiffusion(hf_cfg).eval()
+    with on_device("meta", dtype):
+        hf = DiffusionGemmaForBlockDiffusion(hf_cfg).eval()
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # a tied Parameter stays one object
+    try:
+        hf.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    with torch.no_grad():
+        hf.init_weights()  # weights, rotary tables, embedding scales, the decoder's layer scalars; ties again
+        for enc, dec in zip(hf.model.encoder.language_model.layers, hf.model.decoder.layers):
+            enc.layer_scalar.copy_(dec.layer_scalar)
+    return hf
 
 
 def ours_sharing(hf, cfg: DiffusionGemmaConfig) -> DiffusionGemma:
@@ -223,7 +240,7 @@ def fmt_row(r: dict, floor_ms: float, base_ms: float | None) -> str:
 def bare_run_seconds() -> float:
     """Wall time of `python generate.py` with no arguments (the bundled model), as a user runs it."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, str(HERE / "generate.py"), "--device", "cpu"], cwd=HERE, capture_output=True,
+    subprocess.run([sys.executable, str(ROOT / "generate.py"), "--device", "cpu"], cwd=ROOT, capture_output=True,
                    check=True)
     return time.perf_counter() - t
 
@@ -309,8 +326,12 @@ def bench_quant(args, device, cfg, ceilings, report: Report) -> None:
     base, ref = measure("bf16", dense)
     report.add("rows", base, f"bf16: {base['ms_per_step']:.2f} ms/step, {base['tok_s']:.0f} tok/s "
                              f"(own floor {base['floor_ms_per_step']:.2f} ms/step)")
+    kinds = sorted(kinds, key=lambda k: k == "int8")  # int8 last: built while its bf16 source is dropped
     for kind in kinds:
-        qm = quantized_copy(dense, block(kind))
+        last = kind == kinds[-1]  # the bf16 weights are not needed after it: peak bf16 + one stack, not + int8
+        qm = quantized_copy(dense, block(kind), free_source=last)
+        if last:
+            del dense
         r, logits = measure(kind + " experts", qm)
         del qm
         report.add("rows", r, f"{kind} experts: {r['ms_per_step']:.2f} ms/step, {r['tok_s']:.0f} tok/s "
@@ -377,7 +398,7 @@ def init_weights_like(net):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of bench.py."""
+    """The command line of scripts/bench.py."""
     p = Parser(description="Denoising-step benchmark: CUDA kernels vs transformers vs plain PyTorch.")
     p.add_argument("--tiny", action="store_true", help="a tiny shape that runs anywhere (the CPU)")
     p.add_argument("--steps", type=int, default=16, help="fixed denoising steps per canvas (default 16)")

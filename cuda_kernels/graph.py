@@ -18,12 +18,12 @@ everything a step reads lives in buffers made once per generation:
 Two graphs are captured once per generation, on its first canvas: the first step of a canvas
 (no previous logits) and every later step. The host reads one tensor per step, the stop rule.
 A cache that is not static (a chat's, which rolls back), and a canvas with positions restricted to
-token sets (sampler.Allowed), run the same keyed steps eagerly.
+token sets (structured.Allowed), run the same keyed steps eagerly.
 
 Needs a MoE that never waits for the host (cuda_kernels.FusedExperts: the plain one groups tokens
 by expert on the host) and, on a GPU, the CUDA kernels' sampler pass.
 
-    from cudagraph import GraphedDenoiser; from sampler import block_diffusion, GenerationSettings
+    from cuda_kernels.graph import GraphedDenoiser; from sampler import block_diffusion, GenerationSettings
     # with a CUDA model switched to the kernels (cuda_kernels.use_kernels):
     # g = GraphedDenoiser(cuda_kernels.sampler_stats)
     # block_diffusion(model, [[2, 17, 42]], GenerationSettings(), denoise=g, new_cache=g.new_cache)

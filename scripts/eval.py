@@ -11,24 +11,27 @@ Sudoku (--sudoku): exact-solve rate on 500 unique-solution puzzles never seen in
 many givens, and on a harder slice with few, single sample and best-of-8 with the rules as the check.
 --compare: what a second checkpoint (e.g. quantized) changes: committed-token agreement and loss.
 
-    python eval.py --model weights-code --snippets 20 --skip-loss
-    python eval.py --model weights --sudoku --puzzles 50
-    python eval.py --model weights-code --compare weights-code --prompts 4
+    python scripts/eval.py --model weights-code --snippets 20 --skip-loss
+    python scripts/eval.py --model weights --sudoku --puzzles 50
+    python scripts/eval.py --model weights-code --compare weights-code --prompts 4
 """
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from collections import Counter
 
 import torch
 
-import data
-import sudoku
-import train
-from generate import load, settings_for
-from sampler import block_diffusion
-from terminal import Parser
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project: python scripts/eval.py
+
+import data  # noqa: E402
+import sudoku  # noqa: E402
+import train  # noqa: E402
+from generate import load, settings_for  # noqa: E402
+from sampler import block_diffusion  # noqa: E402
+from terminal import Parser  # noqa: E402
 
 
 def held_out_stream(tokenizer) -> torch.Tensor:
@@ -137,7 +140,7 @@ def code_eval(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of eval.py."""
+    """The command line of scripts/eval.py."""
     p = Parser(description="Evaluate a small DiffusionGemma (code or Sudoku).")
     p.add_argument("--model", default="weights-code", help="checkpoint directory (default: the bundled code model)")
     p.add_argument("--sudoku", action="store_true", help="exact-solve rate of a Sudoku model")

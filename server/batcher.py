@@ -1,4 +1,4 @@
-"""The worker that owns the model behind serve.py: a bounded queue of requests, one batch of whatever
+"""The worker that owns the model behind the server (python -m server): a bounded queue of requests, one batch of whatever
 waits when the model is free, a random stream per request, a cache of recent prompts, and requests
 that stop when their client goes away.
 
@@ -17,11 +17,11 @@ that stop when their client goes away.
   - NaN logits or running out of memory fail the batch's requests with an error event; the worker
     goes on with the next batch.
 
-    import torch; from batcher import Batcher, Request; from generate import load
+    import torch; from server.batcher import Batcher, Request; from generate import load
     model, tok = load("weights-code", "cpu", torch.float32)
-    worker = Batcher(model, batch_size=4)
+    worker = Batcher(model, batch_size=4)   # the server runs worker.loop() in its main thread
     r = Request(tok.encode_raw("def f(x):"), model.generation_settings.copy(max_new_tokens=16), seed=0)
-    worker.submit(r); print(tok.decode(r.wait()["tokens"][0])); worker.stop()
+    worker.generate([r]); print(tok.decode(r.wait()["tokens"][0]))
 """
 
 import queue
@@ -132,20 +132,17 @@ class PrefixCache:
 
 
 class Batcher:
-    """The one thread that runs the model: its own (thread=True), or whichever calls loop() — the
-    main thread is faster on a CPU, where torch's ops parallelize over the cores only there.
+    """What runs the model: whichever thread calls loop() (the server's main thread: on a CPU torch's
+    ops use every core only there), or generate(batch) called directly for one batch.
     fast: block_diffusion's denoise and new_cache (generate.choose_fast_path)."""
 
     def __init__(self, model, batch_size: int = 8, queue_size: int = 64, cache_bytes: int = 2 ** 30, *,
-                 fast: dict | None = None, spare: int = 1024, thread: bool = True, wait: float = 0.02):
+                 fast: dict | None = None, spare: int = 1024, wait: float = 0.02):
         self.model, self.batch_size, self.fast, self.wait = model, batch_size, fast or {}, wait
         self.queue: queue.Queue = queue.Queue(queue_size)
         self.waiting: list[Request] = []  # taken from the queue, left for a later batch
         self.prefixes = PrefixCache(model, cache_bytes, spare)
         self.alive = True
-        self.thread = threading.Thread(target=self.loop, name="batcher", daemon=True) if thread else None
-        if self.thread is not None:
-            self.thread.start()
 
     def submit(self, req: Request) -> bool:
         """Queue a request; False when the queue is full."""
@@ -156,10 +153,9 @@ class Batcher:
             return False
 
     def stop(self) -> None:
+        """loop() returns once the batch it runs is done."""
         self.alive = False
         self.queue.put(None)
-        if self.thread is not None:
-            self.thread.join(timeout=30)
 
     def next_batch(self) -> list[Request]:
         """The first request waiting and those that may join it: what waits now, and what arrives

@@ -1,13 +1,13 @@
-"""The wire formats serve.py speaks: OpenAI's chat and text completions and llama.cpp's /infill,
+"""The wire formats the server (python -m server) speaks: OpenAI's chat and text completions and llama.cpp's /infill,
 each request checked field by field into a batcher.Request (an ApiError names the field that is
 wrong), and the tokens a request got turned back into the reply its client expects: content, the
 thought as reasoning_content, tool calls parsed from the model's own notation, finish reasons, usage.
 
-    import torch; from api import Api; from batcher import Batcher; from generate import load
+    import torch; from server.api import Api; from server.batcher import Batcher; from generate import load
     model, tok = load("weights-code", "cpu", torch.float32)
     api = Api(model, tok, "weights-code", Batcher(model), api_key=None, max_tokens=4096)
     reqs, how = api.completion({"prompt": "def f(x):", "max_tokens": 8, "seed": 0})
-    api.batcher.submit(reqs[0]); print(api.reply(reqs, how, api.wait(reqs))["choices"][0]["text"]); api.batcher.stop()
+    api.batcher.generate(reqs); print(api.reply(reqs, how, api.wait(reqs))["choices"][0]["text"])
 """
 
 import base64
@@ -19,7 +19,7 @@ import secrets
 import time
 import uuid
 
-from batcher import Batcher, Request
+from server.batcher import Batcher, Request
 from checkpoint import vision_config
 from editing import FILL, Canvas, parse_infill, parse_pin, parse_template
 from hfconfig import CheckpointError
