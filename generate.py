@@ -71,7 +71,7 @@ def load(model: str | Path = DEFAULT_MODEL_DIR, device: str | None = None, dtype
 
 
 def load_weights(path: Path, config, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 sharding=None, name: str | None = None, adapter: str | Path | None = None):
+                 sharding=None, *, name: str | None = None, adapter: str | Path | None = None):
     """The network of a resolved checkpoint whose config.json was read (load's second half)."""
     if adapter is not None:
         from lora import read_adapter
@@ -390,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if distributed.launched():
             model = distributed.load_sharded(
-                lambda sharding, dev: load_weights(path, config, dev, args.dtype, sharding, name, args.adapter),
+                lambda sharding, dev: load_weights(path, config, dev, args.dtype, sharding, name=name, adapter=args.adapter),
                 device.type, CheckpointError)
             if int(os.environ["RANK"]):  # under torchrun only rank 0 speaks
                 quiet, sys.stdout = True, open(os.devnull, "w")

@@ -42,7 +42,7 @@ def test_device_check_dry_run(tmp_path):
                        timeout=900, env=env)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert p.returncode == 0, summary + p.stderr[-2000:]
-    for phase in ("env", "build", "unit", "micro", "model", "bench", "quant", "memory", "vision"):
+    for phase in ("env", "build", "unit", "micro", "model", "bench", "quant", "memory", "vision", "finetune"):
         assert f"{phase}: exit 0" in summary, summary
     files = sorted(f.name for f in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and "logs.tgz" in files and "summary.txt" in files, files

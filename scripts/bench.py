@@ -17,10 +17,12 @@ and bf16 matmul rate; the floor of a step is the bytes it must read / the bandwi
     python scripts/bench.py --quant int8,int4 # bf16, then int8 and int4 experts in one run: speed, logit error, agreement
     python scripts/bench.py --quant int4 --memory   # peak memory of the int4 model generating from a 4k prompt
     python scripts/bench.py --vision          # the vision tower: ms per image, ours and transformers'
+    python scripts/bench.py --finetune        # LoRA steps on a 4k sequence, bf16 then int4 base: peak memory, s/step
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -344,6 +346,51 @@ def bench_quant(args, device, cfg, ceilings, report: Report) -> None:
                    f"denoiser argmax agreement {agree:.4%}")
 
 
+def bench_finetune(args, device, cfg, report: Report, steps: int = 3) -> None:
+    """finetune.py's step at the released shape: LoRA of rank 16 on the attention and dense MLP, the base
+    frozen, gradient checkpointing per layer, one example of --prompt + --answer tokens (default 2,048 +
+    2,048); on a bf16 base, then an int4 one (--quant: only those), one model at a time. The peak memory
+    of the steps and the seconds a step (the first, which warms up, left out). The plain MoE: the fused
+    kernels have no backward pass."""
+    import finetune
+    import lora
+    from quant import quantized_copy
+    n_prompt, n_answer = args.prompt or (128 if args.tiny else 2048), args.answer or (64 if args.tiny else 2048)
+    ex = finetune.Example(torch.randint(5, cfg.vocab_size, (n_prompt,)).tolist(),
+                          torch.randint(5, cfg.vocab_size, (n_answer,)).tolist(), line=0)
+    for kind in (args.quant or "bf16,int4").split(","):
+        if kind not in ("bf16", "int4"):
+            raise SystemExit(f"error: --finetune takes --quant bf16, int4 or bf16,int4, not {args.quant}")
+        base = random_model(cfg, device)
+        if kind == "int4":
+            base = quantized_copy(base, {"experts": "int4", "group_size": args.group_size, "zero_point": True,
+                                         "attention": None, "mlp": None, "embedding": None}, free_source=True)
+        lora.add_lora(base, r=16, alpha=32)
+        finetune.checkpoint_layers(base)
+        base.train()
+        params = [p for p in base.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            loss, _, _ = finetune.example_loss(base, ex, torch.Generator().manual_seed(i), 0.5)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        n = sum(p.numel() for p in params)
+        del base, opt, params
+        report.add("finetune", {kind: {"tokens": n_prompt + n_answer, "lora_parameters": n, "peak_GiB": peak,
+                                       "seconds_per_step": statistics.median(times[1:])}},
+                   f"LoRA fine-tuning, {kind} base, {n_prompt} + {n_answer} tokens: {statistics.median(times[1:]):.2f} "
+                   f"s/step, peak memory {peak:.2f} GiB, {n / 1e6:.1f}M adapter parameters")
+
+
 # the released vision tower (config.json's vision_config), and a tiny one for --tiny
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
               num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3, standardize=True)
@@ -410,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     p.add_argument("--memory", action="store_true", help="with --quant: peak memory from a 4k prompt, alone")
     p.add_argument("--vision", action="store_true", help="the vision tower instead: ours and transformers', per image")
+    p.add_argument("--finetune", action="store_true", help="LoRA fine-tuning steps instead: peak memory, seconds a "
+                   "step, on a bf16 and an int4 base (--quant: one of them)")
+    p.add_argument("--answer", type=int, help="--finetune: answer tokens (default 2048; 64 with --tiny)")
     return p
 
 
@@ -429,11 +479,13 @@ def main(args: argparse.Namespace) -> int:
           flush=True)
     if args.vision:
         bench_vision(args, device, report)
+    elif args.finetune:
+        bench_finetune(args, device, cfg, report)
     elif args.quant:
         bench_quant(args, device, cfg, ceilings, report)
     else:
         bench_main(args, device, cfg, ceilings, report)
-    if args.tiny and not args.quant and not args.vision:
+    if args.tiny and not args.quant and not args.vision and not args.finetune:
         seconds = bare_run_seconds()
         report.add("bare_generate_seconds", seconds, f"bare `python generate.py` (bundled model, CPU): {seconds:.1f} s")
     return 0

@@ -25,9 +25,14 @@
 #   7 memory  the int4 model's peak generating from a 4k prompt               ~49 GiB while converting (bf16
 #             shrinking as int4 grows), then ~17 GiB
 #   8 vision  the released vision tower, ours and transformers'              < 3 GiB
+#   9 finetune LoRA steps on a 2,048 + 2,048-token example (finetune.py's step): peak memory, s/step,
+#             bf16 base then int4 base                                       ~60 GiB (bf16 47.0 + logits,
+#             checkpoints, one layer's recomputation; finetune.py's header), ~30 GiB on int4 (16.3 + the same)
+#             It rarely fits after the others: run it as PHASES=finetune in a second call
 # (On an H200 the same phases, with 60 GiB more room; the step's floor is 12.4 ms there, 17.5 ms on the H100.)
-# What comes back ($OUT, 7 files): summary.txt (appended after every phase), micro.json, bench.json,
-# bench_quant.json, bench_memory.json, bench_vision.json, logs.tgz (every log, re-packed after every phase).
+# What comes back ($OUT, 8 files): summary.txt (appended after every phase), micro.json, bench.json,
+# bench_quant.json, bench_memory.json, bench_vision.json, bench_finetune.json, logs.tgz (every log,
+# re-packed after every phase).
 # PHASES="bench quant" runs only those phases (env always runs; build runs whenever a later phase needs it).
 #
 #   bash scripts/device_check.sh             # on the GPU machine (timeout_s 540)
@@ -86,6 +91,7 @@ if [ $DRY -eq 1 ]; then
   phase quant 120 10 "$PY" scripts/bench.py --tiny --steps 2 --quant int8,int4 --json "$OUT/bench_quant.json"
   phase memory 120 10 "$PY" scripts/bench.py --tiny --steps 2 --quant int4 --memory --prompt 256 --json "$OUT/bench_memory.json"
   phase vision 120 10 "$PY" scripts/bench.py --tiny --vision --json "$OUT/bench_vision.json"
+  phase finetune 120 10 "$PY" scripts/bench.py --tiny --finetune --json "$OUT/bench_finetune.json"
   grep -q "exit [^0]" "$OUT/summary.txt" && { say "dry run: a phase failed"; exit 1; }
   say "dry run: every phase ran"
   exit 0
@@ -117,5 +123,7 @@ phase memory 60 40 "$PY" scripts/bench.py --quant int4 --memory --json "$OUT/ben
   grep -vE "Warning|warn" "$LOGS/memory.log" | tail -2 >> "$OUT/summary.txt"
 phase vision 40 20 "$PY" scripts/bench.py --vision --json "$OUT/bench_vision.json" && \
   grep "vision tower" "$LOGS/vision.log" >> "$OUT/summary.txt"
+phase finetune 200 90 "$PY" scripts/bench.py --finetune --json "$OUT/bench_finetune.json" && \
+  grep "LoRA fine-tuning" "$LOGS/finetune.log" >> "$OUT/summary.txt"
 say "done"
 pack
