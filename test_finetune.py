@@ -300,3 +300,22 @@ def test_exact_answers_are_counted_by_group():
     out = finetune.evaluate(model, tok, examples, exact=True, seed=0)
     assert out["exact"] == {"all": 0.5, "mine": 1.0, "other": 0.0}
     assert set(out) >= {f"loss@{t}" for t in finetune.NOISE_LEVELS}
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_base_takes_an_adapter(kind):
+    """LoRA over quantized attention and MLP layers (the base only read, dequantized): it starts at the
+    quantized model's logits and trains."""
+    from quant import quantized_copy
+    model, tok = load("weights-code")
+    q = quantized_copy(model, {"experts": kind, "group_size": 64, "zero_point": True, "attention": kind, "mlp": kind,
+                               "embedding": None})
+    prompt, canvas = torch.tensor([tok.encode_raw("import os\n")]), torch.arange(100, 132)[None]
+    base = logits_of(q, prompt, canvas)
+    lora.add_lora(q, r=4, alpha=8)
+    assert all(torch.equal(a, b) for a, b in zip(base, logits_of(q, prompt, canvas)))
+    loss, _, _ = example_loss(q, Example(prompt[0].tolist(), tok.encode("    pass\n") + [1], 1),
+                              torch.Generator().manual_seed(0), 0.0)
+    loss.backward()
+    grads = [p.grad for m in lora.adapters(q).values() for p in m.lora_B.values()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
