@@ -208,6 +208,14 @@ CODE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+def random_fillings(lay, n: int, seed: int = 0):
+    """n canvases with every free position filled by a random token of its set."""
+    import random
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield [t if t is not None else rng.choice(lay.sets[lay.free[j]]) for j, t in enumerate(lay.tokens)]
+
+
 # ---- running the programs: the command line in a subprocess or in this process, torchrun --------
 
 def cli(*args, cwd=HERE, timeout=180, env=None):

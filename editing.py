@@ -9,10 +9,10 @@ renoised) and is committed as is (sampler.py). On top of that:
   pin       OFFSET:TEXT fixes the tokens of TEXT from new-token OFFSET on (closing brackets and tags)
   samples   best-of-N: N fillings of the same canvas in one batch, each from its own random stream,
             and a check that accepts them
-  typed     a JSON Schema's canvas (structured.build: the skeleton pinned, each value a hole whose
-            positions take only the tokens its type allows) denoised with the holes restricted
-            (structured.Allowed); each hole is then checked against its schema, and one that fails is
-            renoised with every valid span pinned, up to `rounds` rounds; then the first of the
+  typed     a JSON Schema's canvas (structured.build: the skeleton pinned, each value's positions
+            restricted to the tokens its place allows, decision positions where the model chooses)
+            denoised; the value read back valid for what the layout holds and judged whole (the
+            jsonschema package); a sample the judge rejects is drawn again; the first of the
             samples that validates (fill_json)
 A request that cannot be met as asked raises sampler.RequestError, whose message says what to change.
 
@@ -28,7 +28,8 @@ import subprocess
 from dataclasses import dataclass, field
 
 from sampler import GenerationSettings, RequestError, block_diffusion, check_context
-from structured import Allowed, Hole, Layout, SchemaError, build, check_schema, token_sets, validate
+from schema import errors, judge
+from structured import Allowed, Layout, SchemaError, build, check_schema, token_sets
 from tokenizer import Tokenizer
 
 FILL = "<FILL>"
@@ -114,121 +115,92 @@ def shell_accept(command: str):
     return accept
 
 
-# --- Typed canvases: a JSON Schema's layout (structured.py) filled, validated, repaired ------------
+# --- Typed canvases: a JSON Schema's layout (structured.py) filled, read back, judged -------------
 
 @dataclass
 class Filled:
-    """One sample: its tokens, text and value (None if it did not validate), what failed, the
-    repair rounds it took and the choice holes snapped to their nearest option."""
+    """One sample: its value and text (json.dumps of the value), the tokens of that text, what the
+    judge found wrong (None: valid), the rounds it took, the paths read back into their schema
+    (snaps), the denoising steps of its canvases."""
     tokens: list[int]
     text: str
     value: object
     error: str | None
     rounds: int
     snapped: list[str]
-    steps: list[int] = field(default_factory=list)  # the denoising steps of its canvases, every round's
-
-
-def hole_tokens(tokens: list[int], h: Hole) -> list[int]:
-    """The tokens a sample has in a hole's positions."""
-    return tokens[h.start: h.start + len(h.sets)]
+    steps: list[int] = field(default_factory=list)
 
 
 def canvas_rows(layouts: list[Layout], space: int) -> tuple[int, list[dict], Allowed]:
     """The length of the canvas, the skeleton pins and the Allowed of each row (a layout a row,
     padded with pinned spaces after its value to the longest)."""
     length = max(len(lay.tokens) for lay in layouts)
-    table, pins, rows = [], [], []
+    table, pins, rows, where = [], [], [], {}
     for lay in layouts:
         padded = lay.tokens + [space] * (length - len(lay.tokens))
         pins.append({j: t for j, t in enumerate(padded) if t is not None})
         index = {}
         for k, s in enumerate(lay.sets):
-            if s not in table:
+            if id(s) not in where:  # the same list object: the same set (layouts share them)
+                where[id(s)] = len(table)
                 table.append(s)
-            index[k] = table.index(s)
-        rows.append({h.start + j: index[k] for h in lay.holes for j, k in enumerate(h.sets)})
+            index[k] = where[id(s)]
+        rows.append({j: index[k] for j, k in lay.free.items()})
     return length, pins, Allowed(table, rows)
 
 
 def fill_typed(model, tok, prompt: list[int], layouts: list[Layout], settings: GenerationSettings,
-               seeds: list[int], *, rounds: int = 3, on_round=None, start: list[list[int]] | None = None,
-               **kw) -> list[Filled]:
+               seeds: list[int], *, rounds: int = 3, **kw) -> list[Filled]:
     """A sample per layout (row b: layouts[b], seed seeds[b]): denoise with the skeleton pinned and
-    each hole restricted; a hole whose filling fails its check is renoised, every valid span pinned,
-    up to `rounds` times. A choice that is no option snaps to the nearest one instead (a round
-    would cost a whole generation, and the nearest option is what the model began to write).
-    start: tokens to repair instead of a first generation (tests plant an invalid span with it).
-    on_round(round, rows, tokens) after each generation; kw: block_diffusion's options."""
+    every free position restricted to its set; read each value back (structured: valid by
+    construction for what the layout holds) and judge it whole (the jsonschema package); a sample the
+    judge rejects is drawn again with another seed, up to `rounds` times. kw: block_diffusion's."""
     sets = token_sets(tok, model.config.vocab_size)
     length, skeleton, allowed = canvas_rows(layouts, sets.space)
     settings = settings.copy(max_new_tokens=length, eos_token_ids=())  # a fixed length: no early end
-    tokens = [list(t) for t in start] if start is not None else [None] * len(layouts)
-    todo = list(range(len(layouts)))
-    taken, steps = [0] * len(layouts), [[] for _ in layouts]
+    done: list[Filled | None] = [None] * len(layouts)
+    todo, steps = list(range(len(layouts))), [[] for _ in layouts]
+    validators = {}
     for r in range(rounds + 1):
-        if start is None or r:
-            pins = [dict(skeleton[b]) for b in todo]
-            for i, b in enumerate(todo):
-                if tokens[b] is not None:  # a repair: the valid spans stay as they are
-                    for h in layouts[b].holes:
-                        if h.check(hole_tokens(tokens[b], h)):
-                            pins[i].update({h.start + j: t for j, t in enumerate(hole_tokens(tokens[b], h))})
-            rows = [{o: k for o, k in allowed.rows[b].items() if o not in pins[i]} for i, b in enumerate(todo)]
-            result = block_diffusion(model, [prompt] * len(todo), settings, pins=pins,
-                                     allowed=Allowed(allowed.sets, rows), seeds=[(seeds[b] + 7919 * r) % 2 ** 63 for b in todo], **kw)
-            for i, b in enumerate(todo):
-                tokens[b] = result.sequences[i, result.prompt_length:].tolist()[:length]
-                taken[b] = r
-                steps[b] += result.steps
-            if on_round is not None:
-                on_round(r, todo, [tokens[b] for b in todo])
-        todo = [b for b in todo if any(not h.options and not h.check(hole_tokens(tokens[b], h))
-                                       for h in layouts[b].holes)]
+        result = block_diffusion(model, [prompt] * len(todo), settings, pins=[skeleton[b] for b in todo],
+                                 allowed=Allowed(allowed.sets, [allowed.rows[b] for b in todo]),
+                                 seeds=[(seeds[b] + 7919 * r) % 2 ** 63 for b in todo], **kw)
+        for i, b in enumerate(todo):
+            steps[b] += result.steps
+            canvas = result.sequences[i, result.prompt_length:].tolist()[:length]
+            lay = layouts[b]
+            try:
+                value, snaps = lay.read(canvas)
+            except SchemaError as e:
+                done[b] = Filled([], "", None, str(e), r, [])
+                continue
+            key = id(lay.schema)
+            validators.setdefault(key, judge(lay.schema))
+            found = errors(validators[key], value)
+            text = json.dumps(value, ensure_ascii=False)
+            done[b] = Filled(tok.encode(text), text, value, found[0] if found else None, r, snaps, steps[b])
+        todo = [b for b in todo if done[b].error is not None]
         if not todo:
             break
-    filled = [finish_typed(tokens[b], layouts[b], tok, taken[b], sets.space) for b in range(len(layouts))]
-    for f, s in zip(filled, steps):
-        f.steps = s
-    return filled
-
-
-def finish_typed(tokens: list[int], layout: Layout, tok, rounds: int, space: int) -> Filled:
-    """A sample's tokens with its choices snapped, parsed, and its first failing hole named."""
-    tokens, snapped, error = list(tokens), [], None
-    for h in layout.holes:
-        got = hole_tokens(tokens, h)
-        if h.check(got):
-            continue
-        if h.options:  # the option that agrees with the most positions
-            best = max(h.options, key=lambda o: sum(a == b for a, b in zip(o, got)))
-            tokens[h.start: h.start + len(h.sets)] = best + [space] * (len(h.sets) - len(best))
-            snapped.append(h.path)
-        else:
-            error = error or f"{h.path}: could not be filled"
-    text = tok.decode(tokens)
-    try:
-        value_ = json.loads(text)
-    except json.JSONDecodeError as e:
-        return Filled(tokens, text, None, error or f"$: not JSON ({e.msg} at character {e.pos})", rounds, snapped)
-    return Filled(tokens, text, value_ if error is None else None, error, rounds, snapped)
+    return done
 
 
 def fill_json(model, tok, prompt: list[int], schema: dict, settings: GenerationSettings | None = None, *,
-                  seed: int = 0, samples: int = 1, rounds: int = 3, **kw) -> Filled:
+              seed: int = 0, samples: int = 1, rounds: int = 3, budget=None, **kw) -> Filled:
     """A JSON value that satisfies the schema, written after the prompt's token ids: `samples`
-    samples as one batch (sample i: seed + i, anyOf branch i), each repaired up to `rounds` times;
-    the first that validates. SchemaError for a schema this cannot fill, naming the path."""
+    samples as one batch (sample i: seed + i), each drawn again up to `rounds` times while the judge
+    rejects it; the first that validates. SchemaError for a schema this cannot fill, naming the path.
+    budget: structured.Budget, the canvas a value may take where the schema sets no bound."""
     check_schema(schema)
     sets = token_sets(tok, model.config.vocab_size)
-    layouts = [build(schema, tok, sets, branch=i) for i in range(samples)]
-    check_context(model.config, len(prompt), max(len(lay.tokens) for lay in layouts), "prompt")
+    room = model.config.max_position_embeddings - len(prompt) - model.config.canvas_length
+    layout = build(schema, tok, sets, budget, max_positions=max(room, 1))
+    check_context(model.config, len(prompt), len(layout.tokens), "prompt")
     settings = settings or getattr(model, "generation_settings", None) or GenerationSettings()
-    filled = fill_typed(model, tok, prompt, layouts, settings, [seed + i for i in range(samples)], rounds=rounds, **kw)
+    filled = fill_typed(model, tok, prompt, [layout] * samples, settings, [seed + i for i in range(samples)],
+                        rounds=rounds, **kw)
     for f in filled:
         if f.error is None:
-            f.error = validate(f.value, schema)
-            if f.error is None:
-                return f
-    raise SchemaError(f"{filled[0].error}, in {samples} sample{'s' * (samples > 1)} with {rounds} repair "
-                      f"round{'s' * (rounds != 1)} each: loosen that part of the schema or ask for more samples")
+            return f
+    raise SchemaError(f"{filled[0].error}, in {samples} sample{'s' * (samples > 1)} with {rounds} more "
+                      f"draw{'s' * (rounds != 1)} each: loosen that part of the schema or ask for more samples")

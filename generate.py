@@ -366,8 +366,8 @@ def run_json(model, tok: Tokenizer, job: Job, display: Display, fast: dict) -> i
         return 1
     print(f.text.rstrip(), flush=True)
     if not display.quiet:
-        fixes = f", {len(f.snapped)} choice{'s' * (len(f.snapped) != 1)} snapped" if f.snapped else ""
-        print(f"{len(f.tokens)} tokens, {f.rounds} repair round{'s' * (f.rounds != 1)}{fixes}, valid against the "
+        fixes = f", {len(f.snapped)} value{'s' * (len(f.snapped) != 1)} read into the schema" if f.snapped else ""
+        print(f"{len(f.tokens)} tokens, {f.rounds} more draw{'s' * (f.rounds != 1)}{fixes}, valid against the "
               f"schema, {time.perf_counter() - t0:.1f} s, device {model.device}", file=sys.stderr)
     return 0
 

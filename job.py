@@ -186,7 +186,8 @@ def check_schema_fits(schema: dict, tok: Tokenizer, config, samples: int) -> int
     from structured import build, check_schema, token_sets
     check_schema(schema)  # a keyword it cannot guarantee: one line naming it
     sets = token_sets(tok, config.vocab_size)
-    return max(len(build(schema, tok, sets, branch=i).tokens) for i in range(samples))
+    room = config.max_position_embeddings - config.canvas_length
+    return len(build(schema, tok, sets, max_positions=room).tokens)
 
 
 def sudoku_job(args, tok: Tokenizer, shape, base: GenerationSettings, name: str) -> Job:

@@ -1,25 +1,33 @@
-"""Typed canvases: a JSON Schema as a canvas whose skeleton is pinned and whose values are holes,
-each position restricted to the tokens its type allows; and the schema's own validation. Filling
-such a canvas, repairing it and best-of-N are canvas editing (editing.fill_json).
+"""Typed canvases: a JSON Schema as a canvas on which the model writes a value, and the value read
+back from it valid. Filling such a canvas, checking it and best-of-N are canvas editing
+(editing.fill_json); what the keywords mean, references and formats included, is schema.py's.
 
-The layout (build):
-  skeleton  braces, keys, colons, commas, the quotes around strings, constants: pinned tokens
-  holes     every value: a few positions, each with a token set (Allowed) from the
-            tokenizer's own vocabulary (TokenSets: a byte-level BPE token can hold several characters)
-    string    tokens that may stand inside a JSON string (no quote, backslash or control character);
-              with minLength / maxLength, only tokens whose lengths keep the total within them
-    pattern   one position a character, each taking the one-character tokens of its class
-    integer   digits chosen so that every number the hole can hold is within [minimum, maximum]
-    enum, boolean   one-token strings: one position taking those tokens; otherwise each position
-              takes what some option has there (or a space), and a filling that is no option snaps
-    array     minItems (else min(maxItems, 2)) items; object: its properties in order, optional ones too
-    anyOf     a branch per sample (sample i: branch i mod their number)
-A keyword this cannot guarantee is refused (check_schema), naming it, never ignored. validate()
-judges a value by the schema, not the model.
+The canvas (build -> Layout): the skeleton is pinned (braces, keys, colons, quotes, constants); the
+rest are positions restricted to the tokens their place allows (Allowed, from the tokenizer's own
+vocabulary: TokenSets), on which the model decides, by the tokens it writes:
+  string    after the opening quote up to n positions of string tokens or a quote: the first quote
+            ends it (n: what maxLength allows, else a budget the caller sets); then a pinned quote
+  number    up to w positions of the characters of a number (-0123456789, and .eE+ when not an
+            integer) or a space: the first space ends it
+  enum, const, boolean   options that are one token each: one position; otherwise each position
+            takes what some option has there, and the nearest option is read
+  array     minItems items, then up to a budget more, each after a decision position: "," (one
+            more item) or a space (the end)
+  object    its required properties; each optional one after a decision position: "," (present)
+            or a space (absent); extra keys (patternProperties, additionalProperties) up to
+            minProperties
+  anyOf, oneOf, if/then/else, a list of types   a decision position taking one marker per branch
+            (the branch's first character when they all differ, else its number), then the
+            layout of every branch: the model's marker picks the one read
+Reading back (Layout.read): a string is cut at its quote, then made to match its patterns (formats
+included) and lengths; a number parsed, moved into its bounds and onto its multipleOf; items and
+properties counted against their bounds, dependencies and uniqueness. So the value is valid by
+construction for the keywords it lays out, and the judge (schema.judge: the jsonschema package)
+checks it whole; a sample it rejects is drawn again (editing.fill_typed). Every snap is counted.
 
     from tokenizer import Tokenizer; from structured import build, token_sets
     tok = Tokenizer("weights-code/tokenizer.json")
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 90}}}
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 90}}, "required": ["n"]}
     layout = build(schema, tok, token_sets(tok, 8192))
     print("".join("_" if t is None else tok.decode([t]) for t in layout.tokens))
 """
@@ -31,7 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sampler import RequestError, in_canvas
+from sampler import in_canvas
+from schema import (MAX_DEPTH, Schema, SchemaError, bounds, distinct, errors, first_char, fit_string, holds, infer_type,
+                    judge, snap_number, to_number)
+
+__all__ = ["Allowed", "Budget", "Layout", "SchemaError", "TokenSets", "build", "check_schema", "token_sets", "validate"]
+
 
 @dataclass
 class Allowed:
@@ -55,21 +68,6 @@ class Allowed:
         return bias, [(torch.tensor(rows, device=device), k) for k, rows in sorted(groups.items())]
 
 
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
-               "writeOnly", "type", "enum", "const", "anyOf"}
-KEYWORDS = {"object": {"properties", "required", "additionalProperties"},
-            "string": {"maxLength", "minLength", "pattern"},
-            "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
-            "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
-            "boolean": set(), "null": set(), "array": {"items", "maxItems", "minItems"}}
-STRING_BUDGET = 6  # positions of a string hole without maxLength
-MAX_SPAN = 10 ** 6  # an unbounded integer: 0 .. this
-
-
-class SchemaError(RequestError):
-    """A schema this cannot fill as asked: the message names the path and the keyword."""
-
-
 # --- The vocabulary, by what a token may be in JSON ----------------------------------------------
 
 class TokenSets:
@@ -83,13 +81,24 @@ class TokenSets:
         for i, t in enumerate(self.texts):
             if len(t) == 1:
                 self.chars.setdefault(t, []).append(i)
-        if " " not in self.chars:
-            raise SchemaError("the tokenizer has no token for a space: a typed canvas needs one")
-        self.space = self.chars[" "][0]
+        for c in ' ",0123456789-':
+            if c not in self.chars:
+                raise SchemaError(f"the tokenizer has no token for {c!r}: a typed canvas needs one")
+        self.space, self.quote, self.comma = self.chars[" "][0], self.chars['"'][0], self.chars[","][0]
+        self.by_length: dict[int, list[int]] = {}
+        for i in self.string:
+            self.by_length.setdefault(len(self.texts[i]), []).append(i)
+        self.made: dict = {}
+
+    def cached(self, key, make) -> list[int]:
+        """A sorted set of token ids made once per key (the same list object every time)."""
+        if key not in self.made:
+            self.made[key] = sorted(set(make()))
+        return self.made[key]
 
     def string_of_length(self, shortest: int, longest: int) -> list[int]:
         """String tokens of shortest..longest characters."""
-        return [i for i in self.string if shortest <= len(self.texts[i]) <= longest]
+        return [i for n, ids in self.by_length.items() if shortest <= n <= longest for i in ids]
 
     def one_char(self, allowed) -> list[int]:
         """The one-character tokens whose character is in `allowed` (a string or a predicate)."""
@@ -115,23 +124,32 @@ def token_sets(tok, vocab_size: int) -> TokenSets:
 # --- A schema as a canvas ------------------------------------------------------------------------
 
 @dataclass
-class Hole:
-    """The positions of one value: where they start, their set (an index into Layout.sets) each,
-    what a valid filling is (check), and the options of a choice."""
-    path: str
-    start: int
-    sets: list[int]
-    check: object  # tokens -> bool
-    options: list[list[int]] = field(default_factory=list)
+class Budget:
+    """How much canvas a value may take where the schema sets no bound: positions of a string, items
+    beyond minItems, how deep optional properties are written, branches laid out."""
+    string: int = 8
+    number: int = 10
+    items: int = 3
+    optional_depth: int = 4
+    branches: int = 4
+    extra_keys: int = 2
+
+    def smaller(self) -> "Budget":
+        return Budget(max(2, self.string // 2), 8, max(0, self.items - 1), max(0, self.optional_depth - 1),
+                      max(1, self.branches - 1), max(1, self.extra_keys - 1))
 
 
 @dataclass
 class Layout:
-    """A canvas for a schema: a pinned token or None (a hole position) at each offset."""
+    """A canvas for a schema: a pinned token or None (a free position) at each offset, the token set
+    of each free position, and how to read the value back (read)."""
     tokens: list = field(default_factory=list)
-    holes: list = field(default_factory=list)
+    free: dict = field(default_factory=dict)  # offset -> index into sets
     sets: list = field(default_factory=list)
     pending: str = ""  # pinned text not yet tokenized
+    reader: object = None  # (tokens, snaps) -> value
+    schema: dict | None = None
+    index: dict = field(default_factory=dict)  # a set's key -> its index in sets
 
     def pin(self, text: str) -> None:  # tokenized with the pinned text that follows it (flush)
         self.pending += text
@@ -141,336 +159,342 @@ class Layout:
             self.tokens += tok.encode(self.pending)
             self.pending = ""
 
-    def set_id(self, ids: list[int]) -> int:
-        key = sorted(set(ids))
-        if key not in self.sets:
-            self.sets.append(key)
-        return self.sets.index(key)
-
-    def hole(self, tok, path: str, position_sets: list[list[int]], check, options=()) -> None:
+    def positions(self, tok, position_sets: list[list[int]]) -> int:
+        """Free positions with these token sets (TokenSets.cached lists, or small ones), after the
+        pinned text so far: their first offset."""
         self.flush(tok)
-        h = Hole(path, len(self.tokens), [self.set_id(s) for s in position_sets], check, list(options))
-        self.tokens += [None] * len(h.sets)
-        self.holes.append(h)
+        start = len(self.tokens)
+        for ids in position_sets:
+            big = isinstance(ids, list) and len(ids) > 64  # TokenSets.cached: known by identity
+            key = id(ids) if big else tuple(sorted(set(ids)))
+            if key not in self.index:
+                self.index[key] = len(self.sets)
+                self.sets.append(ids if big else list(key))
+            self.free[len(self.tokens)] = self.index[key]
+            self.tokens.append(None)
+        return start
+
+    def read(self, tokens: list[int]) -> tuple[object, list[str]]:
+        """The value the model wrote on a filled canvas, made valid where it was not; and the paths
+        where it had to be (snaps)."""
+        snaps: list[str] = []
+        return self.reader(tokens, snaps), snaps
 
 
-def check_keywords(schema: dict, path: str) -> None:
-    """SchemaError for a keyword this cannot guarantee (refused, not ignored)."""
-    if not isinstance(schema, dict):
-        raise SchemaError(f"{path}: a schema must be an object, not {json.dumps(schema)[:40]}")
-    kinds = schema.get("type")
-    kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else []
-    known = set(ANNOTATIONS)
-    for k in kinds:
-        if k not in KEYWORDS:
-            raise SchemaError(f"{path}: type {k!r} is not supported "
-                              "(object, array, string, integer, number, boolean, null)")
-        known |= KEYWORDS[k]
-    if not kinds and "enum" not in schema and "const" not in schema and "anyOf" not in schema:
-        known |= KEYWORDS["object"] if "properties" in schema else set()
-    for name in ("enum", "anyOf"):
-        if name in schema and (not isinstance(schema[name], list) or not schema[name]):
-            raise SchemaError(f"{path}: {name} must be a non-empty list")
-    unsupported = sorted(set(schema) - known)
-    if unsupported:
-        raise SchemaError(f"{path}: unsupported keyword{'s' * (len(unsupported) > 1)} {', '.join(unsupported)}")
+def build(schema, tok, sets: TokenSets, budget: Budget | None = None, max_positions: int | None = None) -> Layout:
+    """The canvas of a schema, within max_positions (smaller budgets are tried until it fits)."""
+    budget = budget or Budget()
+    while True:
+        out = Layout(schema=schema)
+        b = Builder(Schema(schema), tok, sets, out, budget)
+        read = b.value(b.schema.root, "$", 0)
+        out.flush(tok)
+        out.reader = read
+        if max_positions is None or len(out.tokens) <= max_positions:
+            return out
+        if budget == budget.smaller():
+            raise SchemaError(f"$: the schema's canvas takes {len(out.tokens)} positions, more than the "
+                              f"{max_positions} the model has left")
+        budget = budget.smaller()
 
 
-def build(schema: dict, tok, sets: TokenSets, branch: int = 0) -> Layout:
-    """The canvas of a schema (branch: which anyOf branch to take, everywhere)."""
-    out = Layout()
-    value(schema, "$", out, tok, sets, branch)
-    out.flush(tok)
-    return out
+class Builder:
+    """Lays out one schema on a Layout; each method returns the reader of what it laid out."""
 
+    def __init__(self, schema: Schema, tok, sets: TokenSets, out: Layout, budget: Budget):
+        self.schema, self.tok, self.sets, self.out, self.budget = schema, tok, sets, out, budget
 
-def value(schema: dict, path: str, out: Layout, tok, sets: TokenSets, branch: int) -> None:
-    """Lay out the value a schema describes at the end of `out`: pinned text and holes."""
-    check_keywords(schema, path)
-    if "const" in schema:
-        return out.pin(json.dumps(schema["const"]))
-    if "enum" in schema:
-        return choice(path, schema["enum"], out, tok, sets)
-    if "anyOf" in schema:
-        k = branch % len(schema["anyOf"])
-        return value(schema["anyOf"][k], f"{path}.anyOf[{k}]", out, tok, sets, branch)
-    kind = schema.get("type") or ("object" if "properties" in schema else "string")
-    if isinstance(kind, list):  # a list of types: a branch, like anyOf, with that type's keywords
-        one = kind[branch % len(kind)]
-        return value({k: v for k, v in schema.items() if k in ANNOTATIONS or k in KEYWORDS[one]} | {"type": one},
-                     path, out, tok, sets, branch)
-    if kind == "null":
-        return out.pin("null")
-    if kind == "boolean":
-        return choice(path, [True, False], out, tok, sets)
-    if kind in ("integer", "number"):
-        return number(schema, path, out, tok, sets)
-    if kind == "string":
-        return string(schema, path, out, tok, sets)
-    if kind == "array":
-        lo, hi = schema.get("minItems", 0), schema.get("maxItems")
-        n = lo if "minItems" in schema else min(hi, 2) if hi is not None else 2
-        if hi is not None and n > hi:
+    def value(self, sub, path: str, depth: int):
+        v = self.schema.view(sub, path, depth)
+        if depth > 3 * MAX_DEPTH:
+            raise SchemaError(f"{path}: the schema requires a value nested deeper than {3 * MAX_DEPTH} levels")
+        if "const" in v:
+            self.out.pin(json.dumps(v["const"]))
+            return lambda tokens, snaps: v["const"]
+        if "enum" in v:
+            return self.choice(v["enum"], path)
+        branches = self.branches(v, path, depth)
+        if len(branches) > 1:
+            return self.union(branches, path, depth)
+        v = branches[0]
+        if v.get("unions") or "const" in v or "enum" in v:  # what a branch brought: the next level
+            return self.value(v, path, depth)
+        kind = v.get("type") or infer_type(v)
+        if kind == "null":
+            self.out.pin("null")
+            return lambda tokens, snaps: None
+        if kind == "boolean":
+            return self.choice([True, False], path)
+        if kind in ("integer", "number"):
+            return self.number(v, path, kind == "integer")
+        if kind == "string":
+            return self.string(v, path)
+        if kind == "array":
+            return self.array(v, path, depth)
+        return self.object(v, path, depth)
+
+    def branches(self, v: dict, path: str, depth: int) -> list[dict]:
+        """The alternatives a viewed schema offers at its first union (each branch merged into the
+        rest of it), or at its list of types; at most budget.branches, and past the depth bound the
+        simplest one, so that a recursion ends."""
+        from schema import merge
+        unions = v.get("unions") or []
+        if unions:
+            kind, options = unions[0]
+            rest = {k: x for k, x in v.items() if k != "unions"} | ({"unions": unions[1:]} if len(unions) > 1 else {})
+            alts = []
+            for i, o in enumerate(options):
+                try:
+                    alts.append(merge(rest, self.schema.view(o, f"{path}.{kind}[{i}]", depth), path))
+                except SchemaError:
+                    continue
+            if not alts:
+                raise SchemaError(f"{path}: no branch of its {kind} can hold a value")
+        else:
+            kinds = v.get("type")
+            alts = [dict(v, type=k) for k in kinds] if isinstance(kinds, list) and kinds else [v]
+        if depth > MAX_DEPTH:  # deep in a recursion: the simplest branch, so that it ends
+            simple = ("null", "boolean", "string", "integer", "number")
+            alts.sort(key=lambda a: not isinstance(a.get("type") or infer_type(a), str)
+                      or (a.get("type") or infer_type(a)) not in simple)
+            return alts[:1]
+        return alts[: self.budget.branches]
+
+    def union(self, branches: list[dict], path: str, depth: int):
+        """A decision position taking one marker per branch, then every branch's layout."""
+        firsts = [first_char(b) for b in branches]
+        markers = firsts if None not in firsts and len(set(firsts)) == len(firsts) else \
+            [str(i) for i in range(len(branches))]
+        marker_ids = [self.sets.chars[m][0] if m in self.sets.chars else None for m in markers]
+        if None in marker_ids:
+            markers, marker_ids = [str(i) for i in range(len(branches))], [self.sets.chars[str(i)][0] for i in range(len(branches))]
+        at = self.out.positions(self.tok, [marker_ids])
+        readers = []
+        for i, b in enumerate(branches):
+            self.out.pin(" ")
+            readers.append(self.value(b, f"{path}<{i}>", depth))
+
+        def read(tokens, snaps):
+            pick = marker_ids.index(tokens[at]) if tokens[at] in marker_ids else 0
+            value = readers[pick](tokens, snaps)
+            guard = branches[pick].get("else_of")
+            if guard is not None and holds(self.schema.root, guard, value):  # else, where if holds: then's
+                snaps.append(path)
+                return readers[0](tokens, snaps)
+            return value
+        return read
+
+    def choice(self, values: list, path: str):
+        """One of the values, the nearest the model wrote."""
+        options = [self.tok.encode(json.dumps(x)) for x in values]
+        if all(len(o) == 1 for o in options):
+            at = self.out.positions(self.tok, [[o[0] for o in options]])
+            return lambda tokens, snaps: values[[o[0] for o in options].index(tokens[at])] \
+                if tokens[at] in [o[0] for o in options] else values[0]
+        width = max(map(len, options))
+        position_sets = [{o[j] for o in options if len(o) > j} | {self.sets.space} for j in range(width)]
+        at = self.out.positions(self.tok, position_sets)
+
+        def read(tokens, snaps):
+            got = tokens[at: at + width]
+            best = max(range(len(values)), key=lambda i: (sum(a == b for a, b in zip(options[i], got)),
+                                                          -abs(len(options[i]) - width)))
+            if got[: len(options[best])] != options[best]:
+                snaps.append(path)
+            return values[best]
+        return read
+
+    def number(self, v: dict, path: str, integer: bool):
+        """Up to w characters of a number, a space ending it; read into the bounds and multipleOf."""
+        lo, hi = bounds(v, integer, path)
+        finite = [abs(x) for x in (lo, hi) if math.isfinite(x)]
+        digits = len(str(int(max(finite)))) if len(finite) == 2 else self.budget.number
+        width = max(1, min(self.budget.number, digits + (lo < 0) + (0 if integer else 3)))
+        chars = "0123456789" + ("-" if lo < 0 else "") + ("" if integer else ".")
+        ids = self.sets.cached(("number", chars), lambda: self.sets.one_char(chars) + [self.sets.space])
+        at = self.out.positions(self.tok, [ids] * max(width, 1))
+        step = v.get("multipleOf")
+
+        def read(tokens, snaps):
+            text = self.tok.decode(tokens[at: at + width]).split(" ")[0]
+            x = to_number(text)
+            y = snap_number(x, lo, hi, step, integer)
+            if y is None:
+                raise SchemaError(f"{path}: no number lies in its bounds on its multipleOf")
+            if x is None or y != x:
+                snaps.append(path)
+            return y
+        return read
+
+    def string(self, v: dict, path: str, quoted: bool = True):
+        """Up to n string tokens, the first quote ending them; read into the patterns and lengths."""
+        lo, hi = v.get("minLength", 0), v.get("maxLength")
+        if hi is not None and lo > hi:
+            raise SchemaError(f"{path}: minLength {lo} is above maxLength {hi}")
+        patterns = v.get("patterns", [])
+        n = min(self.budget.string, hi) if hi is not None else self.budget.string
+        longest = max(hi // max(n, 1), 1) if hi is not None else 10 ** 9
+        if patterns:  # a pattern: one character a position, of the characters it may take
+            ids = self.sets.cached("ascii", lambda: self.sets.one_char(lambda c: " " <= c <= "~") + [self.sets.quote])
+            n = min(max(n, 12), 40)
+        else:
+            ids = self.sets.cached(("string", longest), lambda: self.sets.string_of_length(1, longest) + [self.sets.quote])
+        self.out.pin('"' if quoted else "")
+        at = self.out.positions(self.tok, [ids] * n) if n else len(self.out.tokens)
+        self.out.pin('"' if quoted else "")
+
+        def read(tokens, snaps):
+            got = tokens[at: at + n]
+            if self.sets.quote in got:
+                got = got[: got.index(self.sets.quote)]
+            text = self.tok.decode(got)
+            fixed = fit_string(text, lo, hi, patterns)
+            if fixed is None:
+                raise SchemaError(f"{path}: no string matches its pattern within minLength {lo} and maxLength {hi}")
+            if fixed != text:
+                snaps.append(path)
+            return fixed
+        return read
+
+    def decision(self) -> int:
+        """A position that takes "," (yes) or a space (no)."""
+        return self.out.positions(self.tok, [[self.sets.comma, self.sets.space]])
+
+    def array(self, v: dict, path: str, depth: int):
+        """minItems items, then optional ones after decision positions; tuples by position."""
+        prefix = v.get("prefixItems") or (v["items"] if isinstance(v.get("items"), list) else [])
+        rest = v.get("items") if isinstance(v.get("items"), (dict, bool)) else v.get("additionalItems", {})
+        lo, hi = v.get("minItems", 0), v.get("maxItems")
+        if hi is not None and lo > hi:
             raise SchemaError(f"{path}: minItems {lo} is above maxItems {hi}")
-        out.pin("[")
-        for i in range(n):
-            out.pin(", " if i else "")
-            value(schema.get("items", {"type": "string"}), f"{path}[{i}]", out, tok, sets, branch)
-        return out.pin("]")
-    props = schema.get("properties", {})
-    if not isinstance(props, dict):
-        raise SchemaError(f"{path}: properties must be an object")
-    extra = schema.get("additionalProperties", {})
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
-        raise SchemaError(f"{path}: required must be a list of property names")
-    props = {**props, **{k: extra for k in required if k not in props}}  # required, yet not described
-    if any(v is False for v in props.values()):
-        raise SchemaError(f"{path}: a required property is not allowed (additionalProperties is false)")
-    if not props and "properties" not in schema and extra is not False:  # any object: a key and its value
-        out.pin('{"')
-        string({"maxLength": 8, "minLength": 1}, f"{path}.<key>", out, tok, sets, quoted=False)
-        out.pin('": ')
-        value(extra if isinstance(extra, dict) and extra else {"type": "string"}, f"{path}.<value>", out, tok, sets,
-              branch)
-        return out.pin("}")
-    out.pin("{")
-    for i, (key, sub) in enumerate(props.items()):
-        out.pin((", " if i else "") + json.dumps(key) + ": ")
-        value(sub, f"{path}.{key}", out, tok, sets, branch)
-    out.pin("}")
+        if rest is False:
+            hi = len(prefix) if hi is None else min(hi, len(prefix))
+        most = lo + (self.budget.items if depth <= MAX_DEPTH else 0)
+        most = min(most, hi) if hi is not None else most
+        contains = v.get("contains")
+        need = max(v.get("minContains", 1), 0) if contains is not None else 0
+        self.out.pin("[")
+        items = []
+        for i in range(most):
+            sub = prefix[i] if i < len(prefix) else rest
+            if i < need:
+                sub = {"allOf": [sub if sub is not None else {}, contains]}
+            at = self.decision() if i >= lo else None
+            items.append((at, self.value(sub if sub is not None else {}, f"{path}[{i}]", depth + 1)))
+        self.out.pin("]")
+        unique = v.get("uniqueItems") is True
+        item_schemas = [prefix[i] if i < len(prefix) else rest for i in range(len(items))]
+
+        def read(tokens, snaps):
+            out = []
+            for at, item in items:
+                if at is not None and tokens[at] != self.sets.comma:
+                    break
+                out.append(item(tokens, snaps))
+            if unique:
+                out = self.unique(out, lo, item_schemas, path, snaps)
+            return out
+        return read
+
+    def unique(self, items: list, lo: int, schemas: list, path: str, snaps: list) -> list:
+        """Items without repeats: a repeat is dropped while minItems allows, else changed into a value
+        its item schema still takes (another option of an enum, a digit more, a number moved)."""
+        out, seen = [], set()
+        for i, x in enumerate(items):
+            key = json.dumps(x, sort_keys=True)
+            if key in seen:
+                snaps.append(path)
+                if len(out) + (len(items) - i - 1) >= lo:
+                    continue
+                view = self.schema.view(schemas[i] if schemas[i] is not None else {}, path, 0)
+                tries = list(view.get("enum", [])) + ([x + c for c in "0123456789abcdefghij"] if isinstance(x, str) else
+                                                      [x + d for d in (1, -1, 2, -2, 3, -3)] if isinstance(x, (int, float))
+                                                      and not isinstance(x, bool) else [])
+                x = next((t for t in tries if json.dumps(t, sort_keys=True) not in seen
+                          and holds(self.schema.root, schemas[i] if schemas[i] is not None else {}, t)), x)
+                key = json.dumps(x, sort_keys=True)
+            seen.add(key)
+            out.append(x)
+        return out
+
+    def object(self, v: dict, path: str, depth: int):
+        """Required properties, then optional ones after decision positions, then extra keys."""
+        props = v.get("properties", {}) if isinstance(v.get("properties"), dict) else {}
+        required = [k for k in v.get("required", []) if isinstance(k, str)]
+        extra = v.get("additionalProperties", {})
+        pattern_props = v.get("patternProperties", {}) if isinstance(v.get("patternProperties"), dict) else {}
+        deps = {k: d for k, d in {**v.get("dependencies", {}), **v.get("dependentRequired", {})}.items()
+                if isinstance(d, list)}
+
+        def schema_of(key):
+            if key in props:
+                return props[key]
+            for p, s in pattern_props.items():
+                if re.search(p, key):
+                    return s
+            if extra is False:
+                raise SchemaError(f"{path}: {key} is required but additionalProperties is false")
+            return extra if isinstance(extra, dict) else {}
+        never = {k for k, s in props.items() if s is False}  # a property named only to forbid it
+        for k in never & set(required):
+            raise SchemaError(f"{path}: {k} is required and forbidden (its schema is false)")
+        order = [k for k in dict.fromkeys(required + list(props)) if k not in never]
+        optional_ok = depth <= self.budget.optional_depth and depth <= MAX_DEPTH
+        most = v.get("maxProperties")
+        self.out.pin("{")
+        fields = []
+        for key in order:
+            if key not in required and not optional_ok:
+                continue
+            at = self.decision() if key not in required else None  # "," present, a space absent
+            self.out.pin((", " if fields and at is None else "") + json.dumps(key) + ": ")
+            fields.append((key, at, self.value(schema_of(key), f"{path}.{key}", depth + 1)))
+        n_extra = max(0, v.get("minProperties", 0) - len(order))
+        n_extra = min(n_extra, 16) if extra is not False or pattern_props else 0
+        extras = []
+        key_pattern = next(iter(pattern_props), None)
+        names = self.schema.view(v.get("propertyNames", {}), f"{path}.propertyNames", depth)
+        key_patterns = ([key_pattern] if key_pattern else []) + names.get("patterns", [])
+        for i in range(n_extra):
+            self.out.pin(', "' if fields or i else '"')
+            key_read = self.string({"patterns": key_patterns, "minLength": max(1, names.get("minLength", 1)),
+                                    "maxLength": names.get("maxLength")}, f"{path}.<key{i}>", quoted=False)
+            self.out.pin('": ')
+            sub = pattern_props[key_pattern] if key_pattern else extra if isinstance(extra, dict) else {}
+            extras.append((key_read, self.value(sub, f"{path}.<value{i}>", depth + 1)))
+        self.out.pin("}")
+        lo_props = v.get("minProperties", 0)
+
+        def read(tokens, snaps):
+            present = [(k, r) for k, at, r in fields if at is None or tokens[at] == self.sets.comma]
+            keys = {k for k, _ in present}
+            for k, _, r in fields:  # a present key's dependencies, and enough keys for minProperties
+                if k not in keys and (any(k in deps.get(p, []) for p in keys) or len(keys) < lo_props - len(extras)):
+                    present.append((k, r))
+                    keys.add(k)
+                    snaps.append(f"{path}.{k}")
+            obj = {k: r(tokens, snaps) for k, r in present}
+            for key_read, value_read in extras:
+                key = distinct(key_read(tokens, snaps), set(obj), key_patterns)
+                if key is not None:
+                    obj[key] = value_read(tokens, snaps)
+            if most is not None and len(obj) > most:
+                for k in [k for k in reversed(list(obj)) if k not in required][: len(obj) - most]:
+                    del obj[k]
+                snaps.append(path)
+            return obj
+        return read
 
 
-def choice(path: str, values: list, out: Layout, tok, sets: TokenSets) -> None:
-    """One of the values. Strings that are one token each: the quotes pinned and one position that
-    takes those tokens (valid by construction). Otherwise each position takes what some option has
-    there, or a space; a filling that is no option snaps to the nearest (finish)."""
-    inner = [tok.encode(v) if isinstance(v, str) else [] for v in values]
-    if all(len(e) == 1 and tok.decode(e) == v for e, v in zip(inner, values)):
-        words = set(values)
-        out.pin('"')
-        out.hole(tok, path, [[e[0] for e in inner]], lambda t: tok.decode(t) in words, options=inner)
-        return out.pin('"')
-    options = [json.dumps(v) for v in values]
-    encoded = [tok.encode(o) for o in options]
-    shortest, texts = min(map(len, encoded)), set(options)
-    position_sets = [{e[j] for e in encoded if len(e) > j} | ({sets.space} if j >= shortest else set())
-                     for j in range(max(map(len, encoded)))]
-    out.hole(tok, path, position_sets, lambda t: tok.decode(t).strip() in texts, options=encoded)
+# --- The judge ------------------------------------------------------------------------------------
+
+def check_schema(schema) -> None:
+    """SchemaError for a schema that is not valid JSON Schema (the judge's own check) or that the
+    judge cannot run (jsonschema not installed)."""
+    judge(schema)
 
 
-def bounds(schema: dict, path: str) -> tuple[int, int]:
-    """The whole numbers [lo, hi] a number may be (unbounded: a span of MAX_SPAN)."""
-    for name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        if schema.get(name) is not None and type(schema[name]) not in (int, float):
-            raise SchemaError(f"{path}: {name} must be a number")
-    los = [math.ceil(schema["minimum"])] if schema.get("minimum") is not None else []
-    his = [math.floor(schema["maximum"])] if schema.get("maximum") is not None else []
-    los += [math.floor(schema["exclusiveMinimum"]) + 1] if schema.get("exclusiveMinimum") is not None else []
-    his += [math.ceil(schema["exclusiveMaximum"]) - 1] if schema.get("exclusiveMaximum") is not None else []
-    lo, hi = max(los, default=None), min(his, default=None)
-    if lo is None and hi is None:
-        lo, hi = 0, MAX_SPAN
-    elif lo is None:
-        lo = 0 if hi >= 0 else hi - MAX_SPAN
-    elif hi is None:
-        hi = lo + MAX_SPAN
-    if lo > hi:
-        raise SchemaError(f"{path}: no whole number lies between its minimum and maximum")
-    return lo, hi
-
-
-def number(schema: dict, path: str, out: Layout, tok, sets: TokenSets) -> None:
-    """A whole number (integer or number) every filling of which is within the bounds: the digits
-    the bounds fix are pinned, then free digits whose first is chosen to keep the rest in range."""
-    lo, hi = bounds(schema, path)
-    if hi < 0:  # all negative: a minus sign, then the digits of the magnitude
-        out.pin("-")
-        lo, hi = -hi, -lo
-    lo = max(lo, 0)
-    prefix, firsts, width = digit_plan(lo, hi)
-    out.pin(prefix)
-    if width == 0:  # one number only: pinned
-        return
-    digit = [sets.one_char(str(d)) for d in range(10)]
-    if not all(digit):
-        raise SchemaError(f"{path}: the tokenizer has no one-digit tokens")
-    position_sets = [[i for d in firsts for i in digit[d]]] + [[i for d in range(10) for i in digit[d]]] * (width - 1)
-    lo_, hi_ = lo, hi
-
-    def in_range(tokens):
-        text = tok.decode(tokens)
-        return len(text) == width and text.isdigit() and lo_ <= int(prefix + text) <= hi_
-
-    out.hole(tok, path, position_sets, in_range)
-
-
-def digit_plan(lo: int, hi: int) -> tuple[str, list[int], int]:
-    """(digits pinned, first digits allowed, width of the free digits) such that every number written
-    prefix + first + free digits lies in [lo, hi] (0 <= lo <= hi), and it is a valid JSON number:
-    of the widths lo..hi span, the one that leaves the most numbers to choose from."""
-    best = None
-    for w in range(len(str(lo)), len(str(hi)) + 1):
-        plan = fixed_width(max(lo, 10 ** (w - 1) if w > 1 else 0), min(hi, 10 ** w - 1), w, "")
-        size = len(plan[1]) * 10 ** (plan[2] - 1) if plan[2] else 1
-        if best is None or size > best[0]:
-            best = (size, plan)
-    return best[1]
-
-
-def fixed_width(lo: int, hi: int, w: int, prefix: str) -> tuple[str, list[int], int]:
-    """digit_plan for numbers of w digits (leading zeros allowed after a prefix)."""
-    if lo == hi:
-        return prefix + (str(lo).zfill(w) if prefix else str(lo)), [], 0
-    span = 10 ** (w - 1)
-    least = 0 if prefix or w == 1 else 1
-    full = [d for d in range(least, 10) if lo <= d * span and (d + 1) * span - 1 <= hi]
-    if full:
-        return prefix, full, w
-    d = hi // span  # no whole run of one leading digit fits: pin the top one, and plan under it
-    return fixed_width(max(lo - d * span, 0), hi - d * span, w - 1, prefix + str(d))
-
-
-def string(schema: dict, path: str, out: Layout, tok, sets: TokenSets, quoted: bool = True) -> None:
-    """A JSON string: its content positions take only tokens that may stand inside one, and with
-    minLength / maxLength only tokens whose lengths keep the total within them."""
-    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-    if any(v is not None and (type(v) is not int or v < 0) for v in (lo, hi)):
-        raise SchemaError(f"{path}: minLength and maxLength must be whole numbers >= 0")
-    if hi is not None and lo > hi:
-        raise SchemaError(f"{path}: minLength {lo} is above maxLength {hi}")
-    if quoted:
-        out.pin('"')
-    if "pattern" in schema:
-        pattern_hole(schema["pattern"], path, out, tok, sets)
-    elif hi != 0:
-        n, shortest, longest = string_plan(lo, hi)
-        ids = sets.string_of_length(shortest, longest)
-        if not ids and lo:  # no tokens that long: one character a position
-            n, ids = lo, sets.string_of_length(1, 1)
-        if not ids:
-            raise SchemaError(f"{path}: the tokenizer has no tokens of {shortest} to {longest} characters")
-        most = hi if hi is not None else math.inf
-        out.hole(tok, path, [ids] * n, lambda t: in_string(tok.decode(t)) and lo <= len(tok.decode(t)) <= most)
-    if quoted:
-        out.pin('"')
-
-
-def string_plan(lo: int, hi: int | None) -> tuple[int, int, int]:
-    """(positions n, shortest, longest token in characters) such that any n tokens of those lengths
-    make a string of lo..hi characters: up to STRING_BUDGET positions, as long tokens as allowed."""
-    if hi is None:
-        return STRING_BUDGET, max(-(-lo // STRING_BUDGET), 1), 10 ** 9
-    for n in range(min(hi, STRING_BUDGET), 0, -1):
-        if -(-lo // n) <= hi // n:
-            return n, max(-(-lo // n), 1), hi // n
-    return lo, 1, 1  # lo..hi admits no n <= the budget: one character a position
-
-
-PATTERN_ATOM = re.compile(r"\\d|\\w|\\s|\[(\^?)((?:\\.|[^\]\\])+)\]|\\(.)|\.|([^\\\[\](){}|*+?^$.])")
-QUANT = re.compile(r"\{(\d+)(?:,(\d*))?\}|\*|\+|\?")
-
-
-def pattern_hole(pattern: str, path: str, out: Layout, tok, sets: TokenSets) -> None:
-    """A pattern made of characters and classes with counts (^[a-z]{3}-\\d{2,4}$): one position a
-    character, each taking the one-character tokens of its class; a variable count takes its least
-    (one for + and for *), so every filling matches."""
-    body = pattern[1:] if pattern.startswith("^") else pattern
-    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
-    positions, i = [], 0
-    while i < len(body):
-        m = PATTERN_ATOM.match(body, i)
-        if not m:
-            raise SchemaError(f"{path}: pattern {pattern!r} uses what this cannot guarantee at {body[i:][:10]!r} "
-                              "(supported: characters, classes [..], \\d \\w \\s ., and counts {m} {m,n} * + ?)")
-        atom, i = m.group(0), m.end()
-        q = QUANT.match(body, i)
-        count = 1
-        if q:
-            i = q.end()
-            count = int(q.group(1)) if q.group(1) is not None else {"*": 1, "+": 1, "?": 0}[q.group(0)]
-        positions += [class_of(atom, m)] * count
-    ids = [sets.one_char(p) for p in positions]
-    if not all(ids):
-        raise SchemaError(f"{path}: pattern {pattern!r} needs a character the tokenizer has no one-character token for")
-    rx = re.compile(pattern)
-    out.hole(tok, path, ids, lambda t: bool(rx.search(tok.decode(t))))
-
-
-def class_of(atom: str, m) -> object:
-    """The characters an atom of a pattern matches, as a predicate: printable ASCII only, where
-    every regex dialect agrees (Python's \\d also takes '٣', ECMAScript's does not)."""
-    if m.group(2) is not None:  # [...]
-        rx = re.compile(f"[{'^' if m.group(1) == '^' else ''}{m.group(2)}]")
-    else:
-        literal = re.escape(m.group(3) or m.group(4) or "")
-        rx = re.compile("[ ]" if atom == "\\s" else atom if atom in ("\\d", "\\w", ".") else literal)
-    return lambda c: " " <= c <= "~" and bool(rx.fullmatch(c))
-
-
-def check_schema(schema, path: str = "$") -> None:
-    """check_keywords over the whole schema, every anyOf branch included."""
-    check_keywords(schema, path)
-    for i, sub in enumerate(schema.get("anyOf") or []):
-        check_schema(sub, f"{path}.anyOf[{i}]")
-    for key, sub in (schema.get("properties") or {}).items():
-        check_schema(sub, f"{path}.{key}")
-    for name in ("items", "additionalProperties"):
-        if isinstance(schema.get(name), dict):
-            check_schema(schema[name], f"{path}.{name}")
-
-
-# --- Validation: the schema judges ---------------------------------------------------------------
-
-def validate(x, schema: dict, path: str = "$") -> str | None:
-    """None if x satisfies the schema (its supported keywords), else 'path: what is wrong'."""
-    if "const" in schema and x != schema["const"]:
-        return f"{path}: is not {json.dumps(schema['const'])}"
-    if "enum" in schema and not any(x == v and (type(x) is type(v) or is_type(x, "number") and is_type(v, "number"))
-                                    for v in schema["enum"]):
-        return f"{path}: is not one of the enum"
-    if "anyOf" in schema:
-        errors = [validate(x, s, f"{path}.anyOf[{i}]") for i, s in enumerate(schema["anyOf"])]
-        if all(errors):
-            return errors[0]
-    kinds = schema.get("type")
-    kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else []
-    if kinds and not any(is_type(x, k) for k in kinds):
-        return f"{path}: is not of type {' or '.join(kinds)}"
-    if isinstance(x, str):
-        if not schema.get("minLength", 0) <= len(x) <= schema.get("maxLength", len(x)):
-            return f"{path}: has {len(x)} characters"
-        if "pattern" in schema and not re.search(schema["pattern"], x):
-            return f"{path}: does not match {schema['pattern']}"
-    if is_type(x, "number"):
-        for name, ok in (("minimum", lambda v: x >= v), ("maximum", lambda v: x <= v),
-                         ("exclusiveMinimum", lambda v: x > v), ("exclusiveMaximum", lambda v: x < v)):
-            if schema.get(name) is not None and not ok(schema[name]):
-                return f"{path}: {x} is outside {name} {schema[name]}"
-    if isinstance(x, list):
-        if not schema.get("minItems", 0) <= len(x) <= schema.get("maxItems", len(x)):
-            return f"{path}: has {len(x)} items"
-        for i, item in enumerate(x):
-            if isinstance(schema.get("items"), dict) and (e := validate(item, schema["items"], f"{path}[{i}]")):
-                return e
-    if isinstance(x, dict):
-        props, extra = schema.get("properties", {}), schema.get("additionalProperties", {})
-        for key in schema.get("required", []):
-            if key not in x:
-                return f"{path}: lacks {key}"
-        for key, v in x.items():
-            sub = props.get(key, extra)
-            if sub is False:
-                return f"{path}: may not have {key}"
-            if isinstance(sub, dict) and (e := validate(v, sub, f"{path}.{key}")):
-                return e
-    return None
-
-
-def is_type(x, kind: str) -> bool:
-    """Whether a parsed JSON value is of a JSON Schema type (1.0 is an integer, True is not)."""
-    if kind == "integer":
-        return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, float) and x.is_integer()
-    if kind == "number":
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-    return isinstance(x, {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}[kind])
+def validate(x, schema) -> str | None:
+    """None if x satisfies the schema (the judge: the jsonschema package), else 'path: what is wrong'."""
+    found = errors(judge(schema), x)
+    return found[0] if found else None

@@ -212,6 +212,11 @@ class Api:
         if tools and body.get("response_format") is not None:
             raise ApiError(400, "response_format does not go with tools: the schema lays out the whole answer",
                            "response_format")
+        call = forced_call(tools, body.get("tool_choice"))
+        if call is not None:  # a call that must be made: its arguments a typed canvas of the parameters
+            schema, how["tool_call"] = call
+            req.job, how["max"] = self.json_job(req, schema), float("inf")
+            return [req], how
         return [req], self.with_schema(body, [req], how)
 
     def image_settings(self):
@@ -269,7 +274,9 @@ class Api:
         from structured import SchemaError, build, check_schema, token_sets
         try:
             check_schema(schema)
-            length = len(build(schema, self.tok, token_sets(self.tok, self.model.config.vocab_size)).tokens)
+            c = self.model.config
+            room = c.max_position_embeddings - len(req.prompt) - c.canvas_length
+            length = len(build(schema, self.tok, token_sets(self.tok, c.vocab_size), max_positions=max(room, 1)).tokens)
             check_context(self.model.config, len(req.prompt), length)
         except SchemaError as e:
             raise ApiError(400, f"response_format: {e}", "response_format") from None
@@ -339,6 +346,10 @@ class Api:
     def text_of(self, tokens: list[int], how: dict, final: bool, choice: int = 0) -> dict:
         """A choice's parts: content, reasoning, tool calls, finish reason (with the stop strings)."""
         tok = self.tok
+        if "tool_call" in how:  # a forced call: the typed canvas's value is the call
+            value, name = json.loads(tok.decode(tokens)), how["tool_call"]
+            call = {"name": name, "arguments": value} if name else value
+            return {"content": "", "reasoning": None, "calls": [call] if final else [], "finish": "tool_calls"}
         tokens = self.generated(tokens, how)
         split = tok.split_thought(tokens) if how["kind"] == "chat" else None
         answer, calls = tok.split_tool_calls(split.answer) if split else (tokens, [])
@@ -416,6 +427,36 @@ def merge_done(dones: list[dict]) -> dict:
     if any("repair_rounds" in d for d in dones):
         out["repair_rounds"] = [k for d in dones for k in d.get("repair_rounds", [])]
     return out
+
+
+def forced_call(tools, choice) -> tuple[dict, str | None] | None:
+    """With tool_choice "required" or a named function: the JSON Schema of the call to write and the
+    function's name (None: the value holds {"name", "arguments"}, one of several functions); else None."""
+    if not tools or choice in (None, "auto", "none"):
+        return None
+    functions = {}
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}}",
+                           f"tools[{i}]")
+        params = f.get("parameters") or {"type": "object"}
+        if not isinstance(params, dict):
+            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON Schema object", f"tools[{i}]")
+        functions[f["name"]] = params
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if name not in functions:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
+        return functions[name], name
+    if choice != "required":
+        raise ApiError(400, "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", ...}",
+                       "tool_choice")
+    if len(functions) == 1:
+        return next(iter(functions.values())), next(iter(functions))
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": p},
+                       "required": ["name", "arguments"], "additionalProperties": False}
+                      for n, p in functions.items()]}, None
 
 
 def images_of(messages) -> tuple[list, list]:
