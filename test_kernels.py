@@ -413,31 +413,3 @@ def test_softcap_equals_plain():
     x = torch.randn(2, 256, 1000, device="cuda", dtype=torch.bfloat16) * 40
     got = cuda_kernels.build().softcap(x, 30.0)
     torch.testing.assert_close(got, torch.tanh(x.float() / 30.0) * 30.0, atol=2e-5, rtol=0)
-
-
-def byte_perm(x: int, y: int, s: int) -> int:
-    """CUDA's __byte_perm: result byte n is byte (s >> 4n) & 7 of the eight bytes of (x, y)."""
-    b = x.to_bytes(4, "little") + y.to_bytes(4, "little")
-    return int.from_bytes(bytes(b[(s >> (4 * n)) & 7] for n in range(4)), "little")
-
-
-def test_int8_conversion_by_bit_patterns_is_exact():
-    """fused_moe.cu turns int8 weights into bf16 pairs with two byte permutes and an add, no I2F: its
-    constants, read from the source and followed on the CPU, give every int8 value exactly."""
-    import re
-    import struct
-    src = (HERE / "cuda_kernels" / "fused_moe.cu").read_text()
-    line = next(ln for ln in src.splitlines() if "__byte_perm(x, 0x4B000000u" in ln)
-    spread, bias = int(re.search(r"0x4B000000u, (0x[0-9a-fA-F]+) \+ j", line)[1], 16), float(re.search(r"- ([0-9.]+)f", line)[1])
-    pack = int(re.search(r"__float_as_uint\(f\[1\]\), (0x[0-9a-fA-F]+)\)", src)[1], 16)
-    as_float = lambda u: struct.unpack("<f", struct.pack("<I", u))[0]  # noqa: E731
-    as_bits = lambda f: struct.unpack("<I", struct.pack("<f", f))[0]  # noqa: E731
-    values = list(range(-128, 128))
-    for i in range(0, 256, 4):
-        four = values[i: i + 4]
-        x = int.from_bytes(bytes(v & 255 for v in four), "little") ^ 0x80808080
-        f = [torch.tensor(as_float(byte_perm(x, 0x4B000000, spread + j))) - torch.tensor(bias) for j in range(4)]
-        assert [v.item() for v in f] == four
-        pairs = [byte_perm(as_bits(f[0].item()), as_bits(f[1].item()), pack), byte_perm(as_bits(f[2].item()), as_bits(f[3].item()), pack)]
-        got = torch.tensor([(p >> (16 * h)) & 0xFFFF for p in pairs for h in (0, 1)], dtype=torch.int32).to(torch.int16)
-        assert got.view(torch.bfloat16).float().tolist() == four

@@ -432,3 +432,8 @@ def test_the_benchmark_script_on_a_folder_of_splits(tmp_path):
     assert out["Glaiveai2K"]["valid"] == 2 and out["Github_easy"]["refused"] == {"$ref outside the schema": 1}
     assert all(r["invalid"] == 0 and r["crashed"] == 0 for r in out.values())
     assert "| Glaiveai2K | 2 | 100% | 96% |" in p.stdout
+    p = subprocess.run([sys.executable, "scripts/jsonschemabench.py", "--data", str(tmp_path), "--layout-only",
+                        "--json", str(tmp_path / "lay.json")], cwd=HERE, capture_output=True, text=True, timeout=600)
+    lay = json.loads((tmp_path / "lay.json").read_text())["weights-code"]
+    assert lay["Glaiveai2K"]["laid_out"] == 2 and len(lay["Glaiveai2K"]["build_ms"]) == 2
+    assert lay["Github_easy"]["refused"] == {"$ref outside the schema": 1} and "| Github_easy | 1 | 0.0% |" in p.stdout

@@ -33,8 +33,9 @@
 //      Epilogue: gelu_tanh(gate) * up, written to h (sorted order, bf16).
 //   2. down_kernel: grid (D / BN, E). The same walk over h @ down_e^T along I; the epilogue
 //      multiplies by the fp32 routing weight and writes the assignment's row at its original index.
-//   Tensor cores through WMMA 16x16x16 bf16 fragments with fp32 accumulators: 4 warps, each owns
-//   16 output columns and the BM rows (row tiles past the expert's count are skipped).
+//   Tensor cores through mma.sync m16n8k16 (bf16 in, fp32 accumulators), fed by ldmatrix from the
+//   shared tiles: 4 warps, each owns 16 output columns and the BM rows (row tiles past the expert's
+//   count are skipped).
 //   Grid: (704/64) * 128 = 1408 and (2816/64) * 128 = 5632 blocks at the released shape.
 //
 // Weights in three formats (quant.py), a template parameter of both kernels:
@@ -52,9 +53,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
-#include <mma.h>
-
-using namespace nvcuda;
 
 namespace {
 
@@ -69,10 +67,15 @@ constexpr int OUT_LD = BN + 4;      // fp32 epilogue tile row stride
 
 enum Format { BF16 = 0, INT8 = 1, INT4 = 2 };
 
-// Bytes of one weight row within one BK tile as stored, and the number of 16-byte chunks.
+constexpr int SLOTS = BK / 8;       // int4: the groups one tile row can span (a group is at least 8 inputs)
+
+// Bytes of one weight row within one BK tile as stored, and the number of 16-byte chunks; int4
+// stages after the BN rows the 32-bit words that hold each row's scales and zero points for the
+// tile ([2][SLOTS][BN] words: scales, then zeros).
 template <int FMT> struct Stored {
   static constexpr int bytes = FMT == BF16 ? BK * 2 : FMT == INT8 ? BK : BK / 2;
   static constexpr int chunks = bytes / 16;
+  static constexpr int params = FMT == INT4 ? 2 * SLOTS * BN * 4 : 0;
 };
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
@@ -90,6 +93,38 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
   const int n = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(n));
 }
+// the 4-byte form (cp.async.ca): an int4 row's scale and zero point, in the aligned word that holds them
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
+}
+// The tensor cores, by hand: ldmatrix moves 8x8 bf16 blocks from shared memory straight into the
+// registers mma.sync m16n8k16 wants (one instruction for four blocks).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// c += a (16x16, row-major) . b (16x8, column-major), fp32 accumulators
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// A warp's accumulators for one 16-row tile and its 16 columns: two m16n8 halves, 4 floats a lane.
+using Acc = float[2][4];
+// Lane l holds rows l/4 and l/4 + 8, columns 2(l%4) and +1 of each half: written to a row-major
+// fp32 tile (row stride OUT_LD) at (row0, col0).
+__device__ __forceinline__ void store_acc(float* out, const Acc& c, int row0, int col0) {
+  const int lane = threadIdx.x % 32, r = row0 + lane / 4, col = col0 + 2 * (lane % 4);
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    *reinterpret_cast<float2*>(out + r * OUT_LD + col + 8 * n) = make_float2(c[n][0], c[n][1]);
+    *reinterpret_cast<float2*>(out + (r + 8) * OUT_LD + col + 8 * n) = make_float2(c[n][2], c[n][3]);
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
@@ -101,7 +136,9 @@ struct Weights {
   const uint8_t* zero;
   int64_t K;
   int group;
+  int64_t groups;   // K / group: (scale, zero) pairs per row
   int group_shift;  // log2(group) for a power of two (a shift, not a division), else -1
+  __device__ __forceinline__ int group_of(int k) const { return group_shift >= 0 ? k >> group_shift : k / group; }
 };
 
 // Stage loader for BM activation rows (bf16, row stride ld elements, rows >= valid zero).
@@ -133,24 +170,60 @@ __device__ __forceinline__ void issue_weights(unsigned char* dst, const Weights&
       cp_async16(d, base + (row0 + r) * row_bytes + k_bytes + c * 16, true);
     }
   }
+  if constexpr (FMT == INT4) {
+    // The (scale, zero) of every group the tile touches, row by row, travel with the tile: the
+    // converter then reads shared memory only. cp.async moves 4 bytes at least, so each goes as the
+    // aligned word that holds it (scale g in word g/2, zero g in word g/4); the converter picks its
+    // half or byte. The last word may reach up to 3 bytes past the tensor, inside its allocation
+    // (the host checks 4-byte alignment; torch rounds allocations up to 512 bytes).
+    uint32_t* words = reinterpret_cast<uint32_t*>(dst + BN * Stored<FMT>::bytes);
+    const int g0 = W.group_of(k0), span = W.group_of(k0 + BK - 1) - g0 + 1;
+    static_assert(THREADS % BN == 0, "a thread stages one row's words");
+    const int r = threadIdx.x % BN;
+    const int64_t g_row = (row0 + r) * W.groups + g0;  // the row's first group in this tile
+#pragma unroll
+    for (int j = 0; j < SLOTS * BN / THREADS; ++j) {
+      const int slot = threadIdx.x / BN + j * (THREADS / BN);
+      if (slot < span) {
+        const int64_t g = g_row + slot;
+        cp_async4(words + slot * BN + r, reinterpret_cast<const uint32_t*>(W.scale) + (g >> 1));
+        cp_async4(words + (SLOTS + slot) * BN + r, reinterpret_cast<const uint32_t*>(W.zero) + (g >> 2));
+      }
+    }
+  }
 }
 
 // int8 / int4: the stage's raw bytes -> the bf16 tile (BN rows x BK). int8 exactly (its scale is
-// applied in the epilogue); int4 as (q - zero) * scale rounded to bf16, one scale/zero per 8 weights.
+// applied in the epilogue); int4 as (q - zero) * scale rounded to bf16, one scale/zero per 8 weights,
+// from the words the loader staged.
 //
-// The integers become floats by bit patterns, not by the slow conversion instructions (I2F):
-// 0x4B000000 | u is the fp32 2^23 + u for any u < 2^23, so one byte permute (or an OR) and one add
-// give the exact value. int8: b ^ 0x80 = b + 128 unsigned, then - (2^23 + 128). int4: the nibble
-// q, then - (2^23 + zero) = q - zero, exact, times the scale in fp32 and rounded once: the reference's
-// bits (quant.dequantize_int4). Small integers have all their bits in an fp32's high half, so two of
-// them pack into a bf16 pair by one more byte permute (int8; exact).
-__device__ __forceinline__ float int_bits(uint32_t u) { return __uint_as_float(0x4B000000u | u); }  // 2^23 + u
+// The integers become floats by bit patterns, not by the slow conversion instructions (I2F).
+// int8: 0x4B000000 | u is the fp32 2^23 + u for any u < 2^23, so b ^ 0x80 = b + 128 unsigned, one
+// byte permute and one add of -(2^23 + 128) give the exact value; small integers have all their
+// bits in an fp32's high half, so two of them pack into a bf16 pair by one more byte permute.
+// int4 works on bf16 pairs: 0x4300 | u is the bf16 128 + u for u < 128, so one mask-and-or turns
+// two nibbles into (128 + q_a, 128 + q_b); one bf16x2 fma subtracts 128 + zero (exact: q - zero),
+// a second multiplies by the scale and rounds once: the reference's fp32 product rounded to bf16
+// (quant.dequantize_int4), as the product of a 5-bit integer and a bf16 is exact in fp32 and the
+// addend -0 keeps a zero's sign. Zero points are in [0, 15], as quant.py writes them.
+__device__ __forceinline__ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {  // a * b + c, rounded once
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t q) {  // (q & 0x000F000F) | 0x43004300 in one LOP3
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(q), "n"(0x000F000F), "n"(0x43004300));
+  return d;
+}
 
 template <int FMT>
 __device__ __forceinline__ void convert(__nv_bfloat16* tile, const unsigned char* raw, const Weights& W, int64_t row0,
                                         int k0) {
   if constexpr (FMT == INT8) {
-    for (int i = threadIdx.x; i < BN * (BK / 8); i += THREADS) {  // 8 weights a thread-step
+#pragma unroll
+    for (int t = 0; t < BN * (BK / 8) / THREADS; ++t) {  // 8 weights a thread-step
+      const int i = threadIdx.x + t * THREADS;
       const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
       const uint2 q = *reinterpret_cast<const uint2*>(raw + r * BK + c);
       uint32_t out[4];
@@ -166,17 +239,32 @@ __device__ __forceinline__ void convert(__nv_bfloat16* tile, const unsigned char
       *reinterpret_cast<uint4*>(tile + r * LD + c) = make_uint4(out[0], out[1], out[2], out[3]);
     }
   } else if constexpr (FMT == INT4) {
-    const int groups = W.K / W.group;
-    for (int i = threadIdx.x; i < BN * (BK / 8); i += THREADS) {  // 8 weights (4 bytes) a thread-step
-      const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
-      const int k = k0 + c;  // group % 8 == 0: one group for all 8
-      const int64_t g = (row0 + r) * groups + (W.group_shift >= 0 ? k >> W.group_shift : k / W.group);
-      const float s = __bfloat162float(W.scale[g]), z = 8388608.f + (float)W.zero[g];
-      const uint32_t q = *reinterpret_cast<const uint32_t*>(raw + r * (BK / 2) + c / 2);
-      __align__(16) __nv_bfloat16 out[8];
+    // A thread converts the same 8 inputs (one group: group % 8 == 0) of rows r, r + 16, r + 32, ...;
+    // rows 16 apart sit a multiple of 4 groups apart, so the scale's half and the zero's byte in
+    // their words are the same for all of them: worked out once.
+    constexpr int ROW_STEP = THREADS / (BK / 8);
+    static_assert(ROW_STEP % 4 == 0 && BN % ROW_STEP == 0, "a thread's rows keep their place in the words");
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + BN * Stored<FMT>::bytes);
+    const int r0 = threadIdx.x / (BK / 8), c = (threadIdx.x % (BK / 8)) * 8;
+    const int gk = W.group_of(k0 + c), slot = gk - W.group_of(k0);
+    const uint32_t at = static_cast<uint32_t>((row0 + r0) * W.groups + gk);  // the pair's index, low bits
+    // byte permutes that copy the scale's half into both halves, and the zero's byte under 0xC3 twice
+    const uint32_t s_sel = at & 1 ? 0x3232u : 0x1010u, z_sel = 0x4040u | (at & 3) * 0x0101u;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) out[j] = __float2bfloat16((int_bits((q >> (4 * j)) & 15u) - z) * s);
-      *reinterpret_cast<uint4*>(tile + r * LD + c) = *reinterpret_cast<const uint4*>(out);
+    for (int t = 0; t < BN / ROW_STEP; ++t) {  // 8 weights (4 bytes) a step
+      const int r = r0 + t * ROW_STEP;
+      const uint32_t scale = __byte_perm(words[slot * BN + r], 0, s_sel);                     // (s, s)
+      const uint32_t minus = __byte_perm(words[(SLOTS + slot) * BN + r], 0xC3C3C3C3u, z_sel);  // -(128 + z), twice
+      const uint32_t q = *reinterpret_cast<const uint32_t*>(raw + r * (BK / 2) + c / 2);  // nibble j: input c + j
+      uint32_t w[4];  // w[j] = (weight j, weight j + 4)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t x = nibble_pair(q >> (4 * j));  // (128 + q_j, 128 + q_{j+4})
+        w[j] = fma_bf16x2(fma_bf16x2(x, 0x3F803F80u, minus), scale, 0x80008000u);  // (x - (128 + z)) * s + -0
+      }
+      *reinterpret_cast<uint4*>(tile + r * LD + c) =
+          make_uint4(__byte_perm(w[0], w[1], 0x5410), __byte_perm(w[2], w[3], 0x5410),   // (0, 1), (2, 3)
+                     __byte_perm(w[0], w[1], 0x7632), __byte_perm(w[2], w[3], 0x7632));  // (4, 5), (6, 7)
     }
   }
 }
@@ -192,7 +280,7 @@ __device__ __forceinline__ float row_scale(const Weights& W, int64_t row) {
 // weight tiles as stored), then (int8/int4 only) one bf16 tile per matrix for the converted weights.
 template <int FMT> struct Smem {
   static constexpr int act = BM * LD * 2;
-  static constexpr int stored = FMT == BF16 ? BN * LD * 2 : BN * Stored<FMT>::bytes;
+  static constexpr int stored = FMT == BF16 ? BN * LD * 2 : BN * Stored<FMT>::bytes + Stored<FMT>::params;
   static constexpr int converted = FMT == BF16 ? 0 : BN * LD * 2;
   static constexpr int stage(int mats) { return act + mats * stored; }
   static constexpr int total(int mats) {
@@ -208,9 +296,9 @@ template <int FMT> struct Smem {
 template <int FMT, int MATS>
 __device__ __forceinline__ void mainloop(unsigned char* smem, const __nv_bfloat16* act, const int* row_index,
                                          int valid, int64_t ld, const Weights& W, const int64_t (&row0)[MATS], int K,
-                                         wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[BM / 16][MATS]) {
+                                         Acc (&acc)[BM / 16][MATS]) {
   using S = Smem<FMT>;
-  const int warp = threadIdx.x / 32, KT = K / BK;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, KT = K / BK;
   auto stage_act = [&](int s) { return reinterpret_cast<__nv_bfloat16*>(smem + s * S::stage(MATS)); };
   auto stage_w = [&](int s, int m) { return smem + s * S::stage(MATS) + S::act + m * S::stored; };
   auto tile = [&](int s, int m) {  // the bf16 weight tile the tensor cores read
@@ -226,7 +314,9 @@ __device__ __forceinline__ void mainloop(unsigned char* smem, const __nv_bfloat1
 #pragma unroll
   for (int i = 0; i < BM / 16; ++i)
 #pragma unroll
-    for (int m = 0; m < MATS; ++m) wmma::fill_fragment(acc[i][m], 0.f);
+    for (int m = 0; m < MATS; ++m)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][m][j / 4][j % 4] = 0.f;
 
   // prologue: STAGES-1 tiles in flight (a group is committed even when empty: the counts stay aligned)
 #pragma unroll
@@ -248,16 +338,24 @@ __device__ __forceinline__ void mainloop(unsigned char* smem, const __nv_bfloat1
     const __nv_bfloat16* A = stage_act(s);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[MATS];
+      // W^T as the column-major B: the tile's rows are output columns, k contiguous. Lane l points
+      // at block l/8: (columns 0-7 | 8-15) x (k 0-7 | 8-15) -> b[0] = (half 0, k 0-7), b[1] = (half
+      // 0, k 8-15), b[2], b[3] the same for half 1.
+      uint32_t b[MATS][4];
 #pragma unroll
-      for (int m = 0; m < MATS; ++m) wmma::load_matrix_sync(b[m], tile(s, m) + warp * 16 * LD + kk, LD);  // W^T
+      for (int m = 0; m < MATS; ++m)
+        ldmatrix_x4(b[m], tile(s, m) + (warp * 16 + (lane / 16) * 8 + lane % 8) * LD + kk + ((lane / 8) % 2) * 8);
 #pragma unroll
       for (int i = 0; i < BM / 16; ++i) {
         if (i * 16 < valid) {  // row tiles past the expert's count hold zeros: skip them
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-          wmma::load_matrix_sync(a, A + i * 16 * LD + kk, LD);
+          // A: lane l points at row l % 16, k (l / 16) * 8 -> rows 0-7 | 8-15 of k 0-7, then of k 8-15
+          uint32_t a[4];
+          ldmatrix_x4(a, A + (i * 16 + lane % 16) * LD + kk + (lane / 16) * 8);
 #pragma unroll
-          for (int m = 0; m < MATS; ++m) wmma::mma_sync(acc[i][m], a, b[m], acc[i][m]);
+          for (int m = 0; m < MATS; ++m) {
+            mma_16816(acc[i][m][0], a, b[m][0], b[m][1]);
+            mma_16816(acc[i][m][1], a, b[m][2], b[m][3]);
+          }
         }
       }
     }
@@ -281,12 +379,12 @@ __global__ void __launch_bounds__(THREADS) gate_up_kernel(const __nv_bfloat16* _
   auto out = reinterpret_cast<float(*)[BM][OUT_LD]>(smem);  // [gate | up][BM][OUT_LD]
   for (int m0 = row_begin; m0 < row_end; m0 += BM) {  // usually a single chunk
     const int valid = min(BM, row_end - m0);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BM / 16][2];
+    Acc acc[BM / 16][2];
     mainloop<FMT, 2>(smem, x, sorted_token + m0, valid, D, gate_up, rows, D, acc);
 #pragma unroll
     for (int i = 0; i < BM / 16; ++i) {
-      wmma::store_matrix_sync(&out[0][i * 16][warp * 16], acc[i][0], OUT_LD, wmma::mem_row_major);
-      wmma::store_matrix_sync(&out[1][i * 16][warp * 16], acc[i][1], OUT_LD, wmma::mem_row_major);
+      store_acc(&out[0][0][0], acc[i][0], i * 16, warp * 16);
+      store_acc(&out[1][0][0], acc[i][1], i * 16, warp * 16);
     }
     __syncthreads();  // the result tiles are complete
     for (int i = threadIdx.x; i < valid * BN; i += THREADS) {
@@ -318,11 +416,11 @@ __global__ void __launch_bounds__(THREADS) down_kernel(const __nv_bfloat16* __re
     const int valid = min(BM, row_end - m0);
     for (int i = threadIdx.x; i < BM; i += THREADS) rows_of_h[i] = m0 + i;
     __syncthreads();  // the row list is written before the loaders read it
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BM / 16][1];
+    Acc acc[BM / 16][1];
     mainloop<FMT, 1>(smem, h, rows_of_h, valid, I, down, rows, I, acc);
 #pragma unroll
     for (int i = 0; i < BM / 16; ++i)
-      wmma::store_matrix_sync(&res[i * 16][warp * 16], acc[i][0], OUT_LD, wmma::mem_row_major);
+      store_acc(&res[0][0], acc[i][0], i * 16, warp * 16);
     __syncthreads();  // the result tile is complete
     // the routing weight in fp32 on the bf16 expert output; one write per element
     for (int i = threadIdx.x; i < valid * BN; i += THREADS) {
@@ -334,6 +432,20 @@ __global__ void __launch_bounds__(THREADS) down_kernel(const __nv_bfloat16* __re
   }
 }
 
+#ifdef FUSED_MOE_CONVERT_PROBE
+// Built only by scripts/sass_counts.py: one tile's conversion alone, so that the instructions per
+// weight of int8 and int4 can be counted in the SASS.
+template <int FMT>
+__global__ void __launch_bounds__(THREADS) convert_probe(__nv_bfloat16* out, const Weights W, int64_t row0, int k0) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  convert<FMT>(reinterpret_cast<__nv_bfloat16*>(smem), smem + BN * LD * 2, W, row0, k0);
+  __syncthreads();
+  out[threadIdx.x] = reinterpret_cast<__nv_bfloat16*>(smem)[threadIdx.x];
+}
+template __global__ void convert_probe<INT8>(__nv_bfloat16*, const Weights, int64_t, int);
+template __global__ void convert_probe<INT4>(__nv_bfloat16*, const Weights, int64_t, int);
+#endif
+
 }  // namespace
 
 static Weights weights_of(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int fmt, int64_t K,
@@ -342,7 +454,7 @@ static Weights weights_of(const at::Tensor& w, const at::Tensor& scale, const at
   for (int b = 0; b < 31; ++b)
     if (group == (1 << b)) shift = b;
   return Weights{w.data_ptr(), fmt == BF16 ? nullptr : reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
-                 fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group, shift};
+                 fmt == INT4 ? zero.data_ptr<uint8_t>() : nullptr, K, group, group > 0 ? K / group : 0, shift};
 }
 
 template <int FMT>
@@ -408,6 +520,9 @@ at::Tensor fused_moe(at::Tensor x, at::Tensor sorted_token, at::Tensor sorted_as
                 "zero points: uint8, one per row and group");
   }
   for (const at::Tensor* t : {&x, &gate_up, &down}) check_aligned(*t, "x / gate_up / down");
+  if (fmt == INT4)  // the loader moves scales and zero points as aligned 32-bit words
+    for (const at::Tensor* t : {&gate_up_scale, &gate_up_zero, &down_scale, &down_zero})
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0, "int4 scales and zero points: 4-byte aligned");
   auto h = at::empty({A, I}, x.options());
   auto out = at::empty({A, D}, x.options().dtype(at::kFloat));
   if (A > 0) {

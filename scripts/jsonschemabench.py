@@ -10,6 +10,9 @@ the Gemma 4 vocabulary). The prompt is short and the same for every schema: vali
 canvas, not from what the model knows. --per-split N takes N schemas of each split (a seeded sample).
 
     python scripts/jsonschemabench.py --data ~/jsonschemabench --per-split 50 --json /tmp/jsb.json
+    python scripts/jsonschemabench.py --model none --gemma4 tokenizer.json --layout-only
+
+--layout-only lays out every schema without generating: how many are accepted, and the build times.
 """
 
 import argparse
@@ -70,8 +73,10 @@ def reason(message: str) -> str:
     return message.split(":")[-1].strip()[:40]
 
 
-def run_model(name: str, model, tok, prompt: list[int], splits: dict, *, steps: int | None, timing: int) -> dict:
-    """Every schema of every split: valid / refused / invalid, build and generation times."""
+def run_model(name: str, model, tok, prompt: list[int], splits: dict, *, steps: int | None, timing: int,
+              save=lambda out: None) -> dict:
+    """Every schema of every split: valid / refused / invalid, build and generation times; save(results so
+    far) after each split."""
     settings = model.generation_settings.copy(steps=steps)
     sets = token_sets(tok, model.config.vocab_size)
     out = {}
@@ -113,8 +118,37 @@ def run_model(name: str, model, tok, prompt: list[int], splits: dict, *, steps: 
                 r["crashed"] += 1
                 print(f"  CRASH {split}/{f.name}: {type(e).__name__}: {e}", file=sys.stderr)
         out[split] = r
+        save(out)
         print(f"{name} {split}: {r['valid']}/{r['schemas']} valid, {sum(r['refused'].values())} refused, "
               f"{r['invalid']} invalid, {r['crashed']} crashed", file=sys.stderr, flush=True)
+    return out
+
+
+def run_layouts(tok, vocab_size: int, room: int, splits: dict) -> dict:
+    """--layout-only: every schema laid out (no generation): accepted or refused (by reason), build time."""
+    sets = token_sets(tok, vocab_size)
+    out = {}
+    for split, files in splits.items():
+        r = {"schemas": len(files), "laid_out": 0, "refused": {}, "crashed": 0, "build_ms": []}
+        for f in files:
+            try:
+                schema = json.loads(f.read_text(encoding="utf-8"))
+                check_schema(schema)
+                t0 = time.perf_counter()
+                build(schema, tok, sets, max_positions=room)
+                r["build_ms"].append((time.perf_counter() - t0) * 1e3)
+                r["laid_out"] += 1
+            except (ValueError, UnicodeDecodeError, SchemaError, RecursionError) as e:
+                k = "not JSON" if not isinstance(e, (SchemaError, RecursionError)) else reason(str(e))
+                r["refused"][k] = r["refused"].get(k, 0) + 1
+            except Exception as e:  # a bug: counted, never hidden
+                r["crashed"] += 1
+                print(f"  CRASH {split}/{f.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        out[split] = r
+        ms = sorted(r["build_ms"]) or [0.0]
+        top = ", ".join(f"{k} {v}" for k, v in sorted(r["refused"].items(), key=lambda kv: -kv[1])[:3]) or "-"
+        print(f"| {split} | {r['schemas']} | {r['laid_out'] / max(r['schemas'], 1):.1%} | {top} | {r['crashed']} | "
+              f"{statistics.median(ms):.1f} | {ms[int(0.9 * (len(ms) - 1))]:.1f} | {ms[-1]:.0f} |", flush=True)
     return out
 
 
@@ -142,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="only these splits (comma-separated)")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (default 8)")
     p.add_argument("--timing", type=int, default=10, help="schemas a split also timed unconstrained (default 10)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--layout-only", action="store_true",
+                   help="only lay every schema out (no generation): accepted, refused, build time")
+    p.add_argument("--json", help="write the results here (after every split)")
     return p
 
 
@@ -162,13 +198,24 @@ def main(args: argparse.Namespace) -> int:
         from scripts.json_bench import gemma4_model
         models.append(("tiny random, Gemma 4 tokenizer", lambda: gemma4_model(args.gemma4)))
     report = {}
+
+    def save(name, out):
+        report[name] = out
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
     for name, make in models:
         model, tok = make()
         prompt = tok.prompt_ids("Write the JSON value.") if tok.is_chat else tok.encode_raw("data = ")
-        report[name] = run_model(name, model, tok, prompt, splits, steps=args.steps, timing=args.timing)
-        print(f"\n{name}\n{table(report[name])}\n")
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1))
+        if args.layout_only:
+            print(f"\n{name}\n| split | schemas | laid out | refused (top reasons) | crashed | build ms median | p90 | max |\n"
+                  "|---|---|---|---|---|---|---|---|")
+            room = model.config.max_position_embeddings - len(prompt) - model.config.canvas_length
+            save(name, run_layouts(tok, model.config.vocab_size, room, splits))
+            continue
+        out = run_model(name, model, tok, prompt, splits, steps=args.steps, timing=args.timing,
+                        save=lambda out, name=name: save(name, out))
+        print(f"\n{name}\n{table(out)}\n")
     return 0
 
 
