@@ -29,6 +29,7 @@ A failed build on a GPU machine is an error with the compiler's message, never a
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -78,6 +79,8 @@ def build(arch: str | None = None, verbose: bool = False, build_directory: str |
         return _ext
     if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and cuda_home():
         os.environ["CUDA_HOME"] = cuda_home()  # before cpp_extension reads it: where libcudart is
+        if "torch.utils.cpp_extension" in sys.modules:  # imported already: it read its guess at import
+            sys.modules["torch.utils.cpp_extension"].CUDA_HOME = os.environ["CUDA_HOME"]
     from torch.utils.cpp_extension import load
     if arch is None:
         arch = arch_for(torch.cuda.get_device_capability())

@@ -49,8 +49,9 @@ def tool(name: str) -> str | None:
 
 def compile_cubin(arch: str, out: Path) -> str:
     """nvcc -cubin with the probe; returns ptxas' report (registers, spills)."""
-    from torch.utils.cpp_extension import include_paths
-    includes = [f"-I{p}" for p in include_paths("cuda") + [sysconfig.get_paths()["include"]]]
+    import torch  # its headers; not torch.utils.cpp_extension, which fixes CUDA_HOME when imported
+    top = Path(torch.__file__).parent / "include"
+    includes = [f"-I{p}" for p in (top, top / "torch" / "csrc" / "api" / "include", sysconfig.get_paths()["include"])]
     cmd = [tool("nvcc"), "-cubin", f"-arch={arch}", "-O3", "-std=c++20", "--expt-relaxed-constexpr",
            "-DFUSED_MOE_CONVERT_PROBE", "-Xptxas", "-v", *includes, "-o", str(out), str(SOURCE)]
     done = subprocess.run(cmd, capture_output=True, text=True)
