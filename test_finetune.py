@@ -274,10 +274,9 @@ def test_sudoku_data_for_the_released_recipe(tmp_path):
     """--make-sudoku-data: 9x9 puzzles and their unique solutions as chat turns, grouped by clue count."""
     import sudoku
     f = tmp_path / "s.jsonl"
-    t0 = time.time()
     finetune.make_sudoku_data(f, 6, seed=3)
     rows = [json.loads(x) for x in f.read_text().splitlines()]
-    assert len(rows) == 6 and time.time() - t0 < 60
+    assert len(rows) == 6
     for r in rows:
         user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
         puzzle = [int(c) for c in "".join(user.splitlines()[-9:])]
