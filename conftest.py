@@ -259,13 +259,20 @@ def single(*args):
                           timeout=120, env=DIST_ENV)
 
 
+def default_ctrl_c():
+    """Popen's preexec_fn for a child the tests stop with SIGINT: Ctrl-C's default action in the child, as at a
+    terminal. A shell starts its background jobs with SIGINT ignored, and an ignored signal stays ignored across exec,
+    so tests started that way would otherwise wait on a child that never hears it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """The server (python -m server) in a subprocess on a free loopback port; its stderr collected line by line."""
 
     def __init__(self, model, *flags):
         self.p = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model), "--port", "0",
                                    "--device", "cpu", *map(str, flags)], cwd=HERE, stderr=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                                  env=dict(os.environ, PYTHONWARNINGS="ignore"), preexec_fn=default_ctrl_c)
         self.lines, first = [], self.p.stderr.readline()
         assert "serving" in first, first + self.p.stderr.read()
         self.port = int(first.split("http://127.0.0.1:")[1].split()[0])

@@ -16,7 +16,7 @@ import torch
 import finetune
 import lora
 import train
-from conftest import CODE_TEMPLATE, Server, assert_one_line_error, cli
+from conftest import CODE_TEMPLATE, Server, assert_one_line_error, cli, default_ctrl_c
 from finetune import Example, example_loss
 from generate import generate, load
 from kvcache import KVCache
@@ -173,7 +173,7 @@ def test_a_conversation_puts_the_loss_on_its_assistant_turns(tmp_path):
 
 def run_ft(*args, timeout=600):
     return subprocess.Popen([sys.executable, "finetune.py", *map(str, args)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
 
 
 def adapter_tensors(run: Path) -> dict:
