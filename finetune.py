@@ -306,10 +306,10 @@ def finetune(args) -> int:
         bar.write(("final " if final else "") + json.dumps(line))
         save_run(out, model, opt, meta(), args.full, args.model)
 
-    if step == 0 and held:
-        report()
     interrupted, first_step = False, step
     try:
+        if step == 0 and held:
+            report()
         while step < args.steps and time.time() < deadline:
             for group in opt.param_groups:
                 group["lr"] = train.lr_at(step, args.steps, args.warmup, args.lr)

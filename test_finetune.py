@@ -205,12 +205,29 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path):
     assert steps[-1] == 8 and steps[: len(steps_before)] == steps_before
     a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same run, as if never stopped
+    # Ctrl-C from the first evaluation on (log.jsonl is its first write) saves the run: exit 130, one line
     interrupted = run_ft(*common[:5], 1000, *common[6:], "--out", tmp_path / "c")
     while time.time() < deadline + 200 and not (tmp_path / "c" / "log.jsonl").exists():
         time.sleep(0.2)
     interrupted.send_signal(signal.SIGINT)
     assert interrupted.wait(timeout=120) == 130
-    assert (tmp_path / "c" / "state.pt").exists() and "run the same command to go on" in interrupted.stderr.read()
+    err = interrupted.stderr.read()
+    assert (tmp_path / "c" / "state.pt").exists() and "run the same command to go on" in err and "Traceback" not in err
+
+
+def test_ctrl_c_in_the_first_evaluation_saves_the_run(tmp_path, monkeypatch):
+    """The evaluation before step 1 is inside the run: Ctrl-C there saves the state and returns 130."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"# {k}\n", "completion": f"x = {k}\n"}) + "\n" for k in range(12)))
+    monkeypatch.setattr(finetune, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    args = finetune.build_parser().parse_args(["--model", "weights-code", "--data", str(data), "--out", str(tmp_path / "r"),
+                                               "--steps", "4", "--rank", "4", "--quiet", "--no-checkpointing"])
+    try:
+        code = finetune.finetune(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C in the first evaluation escaped the run")
+    assert code == 130
+    assert (tmp_path / "r" / "state.pt").exists() and (tmp_path / "r" / "adapter").is_dir()
 
 
 @pytest.mark.slow
